@@ -1,0 +1,57 @@
+"""The one settings object, read from ``KPI_*`` environment variables.
+
+Built once at the entry point (``kpi worker`` and friends) and passed down; never a module global.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of every ``kpi`` command. Each field is the env var ``KPI_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="KPI_", frozen=True, extra="ignore")
+
+    kafka_bootstrap: str = Field("localhost:9092", description="Kafka bootstrap servers, host:port")
+    redis_url: str = Field("redis://localhost:6379/0", description="The shared Redis store")
+    redis_prefix: str = Field("kpi", description="Prefix of every Redis key this project writes")
+    events_topic: str = Field("kpi-events", description="Topic of the campaign events")
+    dlq_topic: str = Field("kpi-events-dlq", description="Dead-letter topic of rejected events")
+    events_partitions: int = Field(8, ge=1, description="Partitions when creating the topics")
+    replication_factor: int = Field(1, ge=1, description="Replication when creating the topics")
+    group_id: str = Field("kpi-stream", description="Consumer group (Faust app id) of the workers")
+    identity_key: SecretStr = Field(
+        SecretStr(""),
+        description="HMAC key hashing participant identities (required by `kpi worker`)",
+    )
+    session_gap_seconds: int = Field(1800, ge=1, description="Idle gap that ends a visit")
+    idle_advance_seconds: int = Field(
+        60, ge=1, description="Quiet time after which a partition's watermark follows the clock"
+    )
+    allowed_lateness_seconds: int = Field(
+        600, ge=0, description="How far behind the watermark an event may be and still count"
+    )
+    max_future_seconds: int = Field(
+        300, ge=0, description="Events further ahead of the wall clock are rejected"
+    )
+    dedup_retention_seconds: int = Field(
+        86400, ge=3600, description="Event time an event_id is remembered for deduplication"
+    )
+    hll_retention_seconds: int = Field(
+        3 * 86400, ge=86400, description="Wall-clock lifetime of the window HyperLogLog buckets"
+    )
+    web_host: str = Field("127.0.0.1", description="Address of the /metrics web server")
+    web_port: int = Field(6066, ge=0, le=65535, description="Port of the /metrics web server")
+    batch_max_records: int = Field(2000, ge=1, description="Records handled per batch at most")
+    batch_within_ms: int = Field(50, ge=1, description="Longest wait to fill a batch")
+    broker_session_timeout_seconds: float = Field(
+        10.0, gt=0, description="Kafka consumer-group session timeout"
+    )
+    log_level: str = Field("INFO", description="Log level of the worker")
+    data_dir: str = Field(".kpi-data", description="Faust's local data directory")
+
+    def identity_key_bytes(self) -> bytes:
+        """The HMAC key as bytes (empty when unset)."""
+        return self.identity_key.get_secret_value().encode()

@@ -1,0 +1,272 @@
+"""Events of contract v1: decoding records and validating event objects.
+
+A record value is UTF-8 JSON, either one event object or a JSON array of them (an envelope). A bad
+event inside an envelope rejects that event only. Bad input is data: every problem becomes a
+:class:`Rejection` with one of the contract's reasons, never an exception.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Final
+
+import orjson
+
+MAX_EVENT_BYTES: Final = 64 * 1024
+MAX_ID_CHARS: Final = 128
+# 0001-01-01 .. 9999-12-31 would fit datetime, but epoch ms before 1970 is no campaign event.
+MAX_TS_MS: Final = 253_402_300_799_999
+
+
+class Reason(StrEnum):
+    """Why an event was rejected (label ``reason`` of ``kpi_events_rejected_total``)."""
+
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    INVALID_FIELD = "invalid_field"
+    BAD_TIMESTAMP = "bad_timestamp"
+    UNKNOWN_TYPE = "unknown_type"
+    TOO_LARGE = "too_large"
+    INVALID_UTF8 = "invalid_utf8"
+
+
+class EventType(StrEnum):
+    """The event types of contract v1."""
+
+    PAGE_VIEW = "page_view"
+    INTERACTION = "interaction"
+    PARTICIPATION = "participation"
+    SHARE = "share"
+
+
+_TYPES: Final = {t.value: t for t in EventType}
+
+
+@dataclass(frozen=True, slots=True)
+class Participant:
+    """The identity fields of a participation, as sent (hashed before anything is stored)."""
+
+    first_name: str
+    last_name: str
+    email: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A valid event.
+
+    Attributes:
+        event_id: Unique id, 1..128 chars.
+        type: The event type.
+        ts_ms: Event time, epoch milliseconds (UTC).
+        campaign_id: The campaign, 1..128 chars.
+        visitor_id: The anonymous visitor, 1..128 chars.
+        channel: Traffic source, ``"unknown"`` when absent.
+        participant: Identity of a participation, ``None`` when absent (the visitor then is the
+            participant).
+    """
+
+    event_id: str
+    type: EventType
+    ts_ms: int
+    campaign_id: str
+    visitor_id: str
+    channel: str = "unknown"
+    participant: Participant | None = None
+    source: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The decoded JSON object, kept for forwarding with its extra fields (not stored)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An event (or record) refused, with what goes to the dead-letter topic.
+
+    Attributes:
+        reason: The contract's reason.
+        message: A short human explanation (never contains field values: they may be PII).
+        raw: The original bytes for a whole record; for one event of an envelope, that event
+            serialized again as JSON.
+        index: Position inside the envelope, ``None`` for a whole record.
+    """
+
+    reason: Reason
+    message: str
+    raw: bytes
+    index: int | None = None
+
+
+class _Invalid(Exception):
+    """Internal: carries a rejection out of the nested validators."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS: Final = timedelta(milliseconds=1)
+_RFC3339: Final = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def parse_ts_ms(value: object) -> int:
+    """Event time in epoch milliseconds from an integer (ms) or an RFC 3339 string with offset.
+
+    Args:
+        value: The ``ts`` field as decoded from JSON.
+
+    Returns:
+        Epoch milliseconds.
+
+    Raises:
+        _Invalid: with ``bad_timestamp`` for floats, booleans, strings without an offset,
+            impossible dates, and anything outside 1970..9999.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        ts_ms = value
+    elif isinstance(value, str):
+        match = _RFC3339.match(value)
+        if match is None:
+            raise _Invalid(Reason.BAD_TIMESTAMP, "ts is not RFC 3339 with an offset")
+        date, time, fraction, offset = match.groups()
+        micros = (fraction or ".")[1:7].ljust(6, "0")
+        offset = "+00:00" if offset in ("Z", "z") else offset
+        try:
+            parsed = datetime.fromisoformat(f"{date}T{time}.{micros}{offset}")
+        except ValueError:
+            raise _Invalid(Reason.BAD_TIMESTAMP, "ts is not a valid date") from None
+        ts_ms = (parsed - _EPOCH) // _ONE_MS  # exact integer arithmetic, no float seconds
+    else:
+        raise _Invalid(Reason.BAD_TIMESTAMP, "ts must be epoch milliseconds or an RFC 3339 string")
+    if not 0 <= ts_ms <= MAX_TS_MS:
+        raise _Invalid(Reason.BAD_TIMESTAMP, "ts is out of range")
+    return ts_ms
+
+
+def _required_id(obj: dict[str, Any], name: str) -> str:
+    value = obj.get(name)
+    if value is None:
+        raise _Invalid(Reason.MISSING_FIELD, f"{name} is missing")
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_CHARS:
+        raise _Invalid(Reason.INVALID_FIELD, f"{name} must be a string of 1..{MAX_ID_CHARS} chars")
+    return value
+
+
+def _optional(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = obj.get(name)
+    if value is not None and not isinstance(value, kind):
+        raise _Invalid(Reason.INVALID_FIELD, f"{name} has the wrong type")
+    return value
+
+
+def _participant(obj: dict[str, Any]) -> Participant | None:
+    raw = _optional(obj, "participant", dict)
+    optins = _optional(obj, "optins", list)
+    if optins is not None and not all(isinstance(o, str) for o in optins):
+        raise _Invalid(Reason.INVALID_FIELD, "optins must be a list of strings")
+    if raw is None:
+        return None
+    fields = [_optional(raw, name, str) or "" for name in ("first_name", "last_name", "email")]
+    if not any(f.strip() for f in fields):
+        return None  # an empty participant object identifies nobody: the visitor is the participant
+    return Participant(*fields)
+
+
+# Optional fields each type names, with their JSON types (checked, otherwise ignored in v1).
+_TYPED_FIELDS: Final[dict[EventType, tuple[tuple[str, type], ...]]] = {
+    EventType.PAGE_VIEW: (("page", str), ("page_type", str), ("logged_in", bool)),
+    EventType.INTERACTION: (("action", str),),
+    EventType.PARTICIPATION: (),
+    EventType.SHARE: (("network", str),),
+}
+
+
+def validate(obj: object) -> Event:
+    """Validate one decoded JSON value as an event.
+
+    Args:
+        obj: A value decoded from JSON.
+
+    Returns:
+        The event.
+
+    Raises:
+        _Invalid: with the rejection reason (module-internal; use :func:`decode_record`).
+    """
+    if not isinstance(obj, dict):
+        raise _Invalid(Reason.NOT_AN_OBJECT, "event is not a JSON object")
+    event_id = _required_id(obj, "event_id")
+    type_value = obj.get("type")
+    if type_value is None:
+        raise _Invalid(Reason.MISSING_FIELD, "type is missing")
+    if not isinstance(type_value, str):
+        raise _Invalid(Reason.INVALID_FIELD, "type must be a string")
+    event_type = _TYPES.get(type_value)
+    if event_type is None:
+        raise _Invalid(Reason.UNKNOWN_TYPE, "type is not a v1 event type")
+    if "ts" not in obj or obj["ts"] is None:
+        raise _Invalid(Reason.MISSING_FIELD, "ts is missing")
+    ts_ms = parse_ts_ms(obj["ts"])
+    campaign_id = _required_id(obj, "campaign_id")
+    visitor_id = _required_id(obj, "visitor_id")
+    channel = _optional(obj, "channel", str) or "unknown"
+    for name, kind in _TYPED_FIELDS[event_type]:
+        _optional(obj, name, kind)
+    participant = _participant(obj) if event_type is EventType.PARTICIPATION else None
+    return Event(event_id, event_type, ts_ms, campaign_id, visitor_id, channel, participant, obj)
+
+
+def _one(obj: object, raw: bytes | None, index: int | None) -> Event | Rejection:
+    try:
+        return validate(obj)
+    except _Invalid as invalid:
+        if raw is None:
+            raw = orjson.dumps(obj)
+        return Rejection(invalid.reason, invalid.message, raw, index)
+
+
+def decode_record(value: bytes | None) -> list[Event | Rejection]:
+    """Decode one record value into its events and rejections, in record order.
+
+    Args:
+        value: The record's value bytes (``None`` for a tombstone).
+
+    Returns:
+        One item per event (an envelope gives one per element; an empty envelope gives none).
+        A record that cannot be decoded at all gives a single whole-record rejection.
+    """
+    if value is None:
+        return [Rejection(Reason.NOT_AN_OBJECT, "record has no value (tombstone)", b"")]
+    size = len(value)
+    first = value.lstrip()[:1]
+    if size > MAX_EVENT_BYTES and first != b"[":
+        return [Rejection(Reason.TOO_LARGE, f"event is {size} bytes, over 64 KiB", value)]
+    try:
+        decoded = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return [Rejection(Reason.INVALID_UTF8, "record is not valid UTF-8", value)]
+        return [Rejection(Reason.INVALID_JSON, f"invalid JSON: {exc.msg}"[:200], value)]
+    if not isinstance(decoded, list):
+        return [_one(decoded, value, None)]
+    if size <= MAX_EVENT_BYTES:
+        # No element can exceed the limit when the whole envelope does not: skip re-encoding.
+        return [_one(obj, None, i) for i, obj in enumerate(decoded)]
+    out: list[Event | Rejection] = []
+    for i, obj in enumerate(decoded):
+        raw = orjson.dumps(obj)
+        if len(raw) > MAX_EVENT_BYTES:
+            out.append(
+                Rejection(Reason.TOO_LARGE, f"event is {len(raw)} bytes, over 64 KiB", raw, i)
+            )
+        else:
+            out.append(_one(obj, raw, i))
+    return out

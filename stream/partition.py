@@ -1,0 +1,288 @@
+"""The state of one partition and what a batch of its records changes.
+
+The worker processes a batch in two steps around one store look-up:
+
+1. :func:`decode` turns records into events and rejections, and :func:`candidate_ids` lists the
+   event ids whose "already counted?" answer the store must give;
+2. :meth:`PartitionState.apply` runs the batch through dedup, lateness, visits and windows, and
+   returns a :class:`Delta`: everything the store must apply atomically with the new offset.
+
+Records at or below the partition's applied offset are skipped, so a replay after a crash changes
+nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import orjson
+
+from stream.events import Event, EventType, Reason, Rejection, decode_record
+from stream.identity import participant_hash
+from stream.partitioner import partition_for
+from stream.visits import ClosedVisit, Visit, VisitKey, VisitTracker
+from stream.watermark import Watermark
+from stream.windows import WINDOWS, bucket_start
+
+# Names of the per-campaign counters (the store keeps them; metrics add the ``kpi_`` prefix).
+EVENT_COUNTERS = {
+    EventType.PAGE_VIEW: "page_views",
+    EventType.INTERACTION: "interactions",
+    EventType.PARTICIPATION: "participations",
+    EventType.SHARE: "shares",
+}
+VISITS = "visits"
+BOUNCED = "bounced_visits"
+DURATION_MS = "visit_duration_ms"
+INTERACTIONS = "interactions"
+
+# Kinds of distinct counts kept per campaign and window bucket.
+UNIQUE_VISITORS = "v"
+UNIQUE_PARTICIPATING_VISITORS = "pv"
+UNIQUE_PARTICIPANTS = "p"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A Kafka record as the domain sees it."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A rejection with the record it came from (for the dead-letter topic's headers)."""
+
+    record: Record
+    rejection: Rejection
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """An event that belongs to another partition: re-published keyed by its visitor."""
+
+    visitor_id: str
+    value: bytes
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one batch (or one idle advance) changes, applied by the store atomically.
+
+    Attributes:
+        partition: The partition.
+        offset: Last applied offset after this delta.
+        watermark: The partition's watermark after this delta.
+        counters: ``(campaign, counter) -> increment``.
+        pipeline: ``counter -> increment`` (processed, duplicates, late, forwarded,
+            ``rejected:<reason>``).
+        windows: ``(bucket_ms, start_ms, campaign, field) -> increment`` for closed visits,
+            attributed to the bucket of the visit's start.
+        uniques: ``(campaign, kind, bucket_ms, start_ms) -> members`` (idempotent adds).
+        seen: Event ids counted by this batch.
+        visits: Open visits changed: new list, or ``None`` when the key has none left.
+        dead_letters: Rejections for the dead-letter topic.
+        forwards: Events to re-publish on their visitor's partition.
+        open_visits: Open visits of the partition after this delta.
+    """
+
+    partition: int
+    offset: int
+    watermark: Watermark
+    counters: Counter[tuple[str, str]] = field(default_factory=Counter)
+    pipeline: Counter[str] = field(default_factory=Counter)
+    windows: Counter[tuple[int, int, str, str]] = field(default_factory=Counter)
+    uniques: dict[tuple[str, str, int, int], set[str]] = field(default_factory=dict)
+    seen: list[str] = field(default_factory=list)
+    visits: dict[VisitKey, list[Visit] | None] = field(default_factory=dict)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    forwards: list[Forward] = field(default_factory=list)
+    open_visits: int = 0
+
+    @property
+    def empty(self) -> bool:
+        """Whether the delta changes nothing but, at most, the offset and watermark."""
+        return not (self.counters or self.pipeline or self.visits or self.dead_letters)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A record with its decoded items."""
+
+    record: Record
+    items: list[Event | Rejection]
+
+
+def decode(records: Iterable[Record]) -> list[Decoded]:
+    """Decode each record's value into events and rejections."""
+    return [Decoded(r, decode_record(r.value)) for r in records]
+
+
+def candidate_ids(decoded: Sequence[Decoded]) -> list[str]:
+    """Ids of the valid events of a batch: the store says which were already counted."""
+    return [item.event_id for d in decoded for item in d.items if isinstance(item, Event)]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The time rules of the contract, in milliseconds."""
+
+    gap_ms: int = 1_800_000
+    lateness_ms: int = 600_000
+    max_future_ms: int = 300_000
+    idle_advance_s: float = 60.0
+
+
+class PartitionState:
+    """Everything the worker keeps for one partition, mirrored in the store.
+
+    Args:
+        partition: The partition number.
+        partitions: How many partitions the topic has (to find a visitor's partition).
+        limits: Gap, lateness, future bound and idle advance.
+        identity_key: HMAC key for participant identities.
+        offset: Last offset already applied (``-1``: none).
+        watermark: The partition's watermark as stored.
+    """
+
+    def __init__(
+        self,
+        partition: int,
+        partitions: int,
+        limits: Limits,
+        identity_key: bytes,
+        offset: int = -1,
+        watermark: Watermark | None = None,
+    ) -> None:
+        self.partition = partition
+        self.partitions = partitions
+        self.limits = limits
+        self.identity_key = identity_key
+        self.offset = offset
+        self.watermark = watermark or Watermark()
+        self.visits = VisitTracker(limits.gap_ms)
+
+    def apply(self, decoded: Sequence[Decoded], seen: set[str], now_s: float) -> Delta:
+        """Apply a batch of this partition's records.
+
+        Args:
+            decoded: The batch, in offset order.
+            seen: Which of :func:`candidate_ids` the store has already counted.
+            now_s: Wall-clock time (epoch s), for the far-future bound and idle advance.
+
+        Returns:
+            The changes, for the store. This state already reflects them: if the store refuses
+            the delta, this state must be discarded and loaded again.
+        """
+        delta = Delta(self.partition, self.offset, self.watermark)
+        future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
+        batch_seen: set[str] = set()
+        for d in decoded:
+            record = d.record
+            if record.offset <= self.offset:
+                continue  # already applied before a restart: replayed, skip
+            own_key = record.key
+            for item in d.items:
+                if isinstance(item, Rejection):
+                    self._reject(delta, record, item)
+                elif item.ts_ms > future_limit_ms:
+                    raw = orjson.dumps(item.source)
+                    rejection = Rejection(
+                        Reason.BAD_TIMESTAMP, "ts is too far in the future", raw, None
+                    )
+                    self._reject(delta, record, rejection)
+                elif not self._is_home(item, own_key):
+                    delta.forwards.append(Forward(item.visitor_id, orjson.dumps(item.source)))
+                    delta.pipeline["forwarded"] += 1
+                elif item.event_id in seen or item.event_id in batch_seen:
+                    delta.pipeline["duplicates"] += 1
+                else:
+                    batch_seen.add(item.event_id)
+                    self._count(delta, item)
+            self.offset = record.offset
+        if decoded:
+            self.watermark.arrived(now_s)
+        delta.seen = list(batch_seen)
+        self._close(delta, self.watermark.watermark_ms)
+        return self._finish(delta)
+
+    def idle_advance(self, now_s: float) -> Delta | None:
+        """Move the watermark with the wall clock when idle; the delta of visits it closes."""
+        if not self.watermark.idle_advance(now_s, self.limits.idle_advance_s):
+            return None
+        delta = Delta(self.partition, self.offset, self.watermark)
+        self._close(delta, self.watermark.watermark_ms)
+        return self._finish(delta)
+
+    def _is_home(self, event: Event, key: bytes | None) -> bool:
+        if key is not None and key == event.visitor_id.encode():
+            return True  # keyed by its visitor: the producer's partitioner chose this partition
+        return partition_for(event.visitor_id, self.partitions) == self.partition
+
+    def _reject(self, delta: Delta, record: Record, rejection: Rejection) -> None:
+        delta.dead_letters.append(DeadLetter(record, rejection))
+        delta.pipeline[f"rejected:{rejection.reason.value}"] += 1
+
+    def _count(self, delta: Delta, event: Event) -> None:
+        campaign = event.campaign_id
+        delta.pipeline["processed"] += 1
+        delta.counters[campaign, EVENT_COUNTERS[event.type]] += 1
+        self._unique(delta, campaign, UNIQUE_VISITORS, event.ts_ms, event.visitor_id)
+        if event.type is EventType.PARTICIPATION:
+            self._unique(
+                delta, campaign, UNIQUE_PARTICIPATING_VISITORS, event.ts_ms, event.visitor_id
+            )
+            identity = participant_hash(self.identity_key, event)
+            self._unique(delta, campaign, UNIQUE_PARTICIPANTS, event.ts_ms, identity)
+        watermark = self.watermark
+        if watermark.is_late(event.ts_ms, self.limits.lateness_ms):
+            delta.pipeline["late"] += 1
+            return
+        self._close(delta, max(watermark.watermark_ms, event.ts_ms))
+        watermark.observe(event.ts_ms)
+        self.visits.add(campaign, event.visitor_id, event.ts_ms, event.type)
+
+    @staticmethod
+    def _unique(delta: Delta, campaign: str, kind: str, ts_ms: int, member: str) -> None:
+        uniques = delta.uniques
+        for spec in WINDOWS:
+            key = (campaign, kind, spec.bucket_ms, bucket_start(ts_ms, spec.bucket_ms))
+            members = uniques.get(key)
+            if members is None:
+                uniques[key] = {member}
+            else:
+                members.add(member)
+
+    def _close(self, delta: Delta, watermark_ms: int) -> None:
+        for closed in self.visits.close_until(watermark_ms):
+            self._count_visit(delta, closed)
+
+    @staticmethod
+    def _count_visit(delta: Delta, closed: ClosedVisit) -> None:
+        campaign, visit = closed.campaign_id, closed.visit
+        bounced = int(visit.bounced)
+        duration_ms = visit.duration_ms
+        counters = delta.counters
+        counters[campaign, VISITS] += 1
+        counters[campaign, BOUNCED] += bounced
+        counters[campaign, DURATION_MS] += duration_ms
+        windows = delta.windows
+        for spec in WINDOWS:
+            start = bucket_start(visit.first_ms, spec.bucket_ms)
+            windows[spec.bucket_ms, start, campaign, VISITS] += 1
+            windows[spec.bucket_ms, start, campaign, BOUNCED] += bounced
+            windows[spec.bucket_ms, start, campaign, INTERACTIONS] += visit.interactions
+            windows[spec.bucket_ms, start, campaign, DURATION_MS] += duration_ms
+
+    def _finish(self, delta: Delta) -> Delta:
+        delta.offset = self.offset
+        delta.watermark = replace(self.watermark)
+        delta.visits = self.visits.take_dirty()
+        delta.open_visits = len(self.visits)
+        return delta

@@ -1,0 +1,158 @@
+"""Event-time visits: the events of one ``(campaign, visitor)`` at most ``gap`` apart.
+
+Out-of-order events inside the gap join their visit; an event within the gap of two visits merges
+them. A visit closes when the watermark passes its last event time plus the gap. Closing is done
+event by event (the caller closes before adding each event), so the visits found do not depend on
+how the input was cut into batches.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from stream.events import EventType
+
+VisitKey = tuple[str, str]
+"""``(campaign_id, visitor_id)``."""
+
+
+@dataclass(slots=True)
+class Visit:
+    """An open or closed visit: its time span and what happened in it."""
+
+    first_ms: int
+    last_ms: int
+    page_views: int = 0
+    interactions: int = 0
+    events: int = 0
+
+    @property
+    def bounced(self) -> bool:
+        """Exactly one page view and no other event."""
+        return self.events == 1 and self.page_views == 1
+
+    @property
+    def duration_ms(self) -> int:
+        """Last minus first event time (0 for a bounce)."""
+        return self.last_ms - self.first_ms
+
+    def absorb(self, other: Visit) -> None:
+        """Merge ``other`` into this visit."""
+        self.first_ms = min(self.first_ms, other.first_ms)
+        self.last_ms = max(self.last_ms, other.last_ms)
+        self.page_views += other.page_views
+        self.interactions += other.interactions
+        self.events += other.events
+
+    def pack(self) -> list[int]:
+        """Compact form for the store."""
+        return [self.first_ms, self.last_ms, self.page_views, self.interactions, self.events]
+
+    @classmethod
+    def unpack(cls, data: list[int]) -> Visit:
+        """Inverse of :meth:`pack`."""
+        return cls(*data)
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedVisit:
+    """A visit that closed, with its campaign."""
+
+    campaign_id: str
+    visit: Visit
+
+
+class VisitTracker:
+    """The open visits of one partition.
+
+    Args:
+        gap_ms: The idle gap that separates two visits, in milliseconds.
+    """
+
+    def __init__(self, gap_ms: int) -> None:
+        self.gap_ms = gap_ms
+        self._open: dict[VisitKey, list[Visit]] = {}
+        self._deadlines: list[tuple[int, str, str]] = []  # heap of (last + gap, campaign, visitor)
+        self._count = 0
+        self.dirty: set[VisitKey] = set()
+
+    def __len__(self) -> int:
+        """Number of open visits."""
+        return self._count
+
+    def get(self, key: VisitKey) -> list[Visit] | None:
+        """The open visits of ``key`` (oldest first), ``None`` when it has none."""
+        return self._open.get(key)
+
+    def load(self, key: VisitKey, visits: list[Visit]) -> None:
+        """Restore the open visits of ``key`` from the store."""
+        self._open[key] = sorted(visits, key=lambda v: v.first_ms)
+        self._count += len(visits)
+        for visit in visits:
+            heapq.heappush(self._deadlines, (visit.last_ms + self.gap_ms, *key))
+
+    def add(self, campaign_id: str, visitor_id: str, ts_ms: int, event_type: EventType) -> None:
+        """Add one event (already known not to be late) to its visit."""
+        key = (campaign_id, visitor_id)
+        new = Visit(
+            ts_ms,
+            ts_ms,
+            page_views=event_type is EventType.PAGE_VIEW,
+            interactions=event_type is EventType.INTERACTION,
+            events=1,
+        )
+        visits = self._open.get(key)
+        if visits is None:
+            self._open[key] = [new]
+            self._count += 1
+        else:
+            gap = self.gap_ms
+            kept = []
+            for visit in visits:
+                if visit.first_ms - gap <= ts_ms <= visit.last_ms + gap:
+                    new.absorb(visit)
+                else:
+                    kept.append(visit)
+            self._count += len(kept) + 1 - len(visits)
+            kept.append(new)
+            kept.sort(key=lambda v: v.first_ms)
+            self._open[key] = kept
+        self.dirty.add(key)
+        heapq.heappush(self._deadlines, (new.last_ms + self.gap_ms, campaign_id, visitor_id))
+
+    def close_until(self, watermark_ms: int) -> list[ClosedVisit]:
+        """Close every visit whose last event time plus the gap is before ``watermark_ms``."""
+        closed: list[ClosedVisit] = []
+        heap = self._deadlines
+        while heap and heap[0][0] < watermark_ms:
+            deadline, campaign_id, visitor_id = heapq.heappop(heap)
+            key = (campaign_id, visitor_id)
+            visits = self._open.get(key)
+            if not visits:
+                continue  # a stale deadline: the visit was merged or closed already
+            for i, visit in enumerate(visits):
+                if visit.last_ms + self.gap_ms == deadline:
+                    del visits[i]
+                    self._count -= 1
+                    self.dirty.add(key)
+                    closed.append(ClosedVisit(campaign_id, visit))
+                    if not visits:
+                        del self._open[key]
+                    break
+        if len(heap) > 2 * self._count + 1024:
+            self._compact()
+        return closed
+
+    def _compact(self) -> None:
+        """Drop stale deadlines (merged or extended visits leave their old deadline behind)."""
+        self._deadlines = [
+            (v.last_ms + self.gap_ms, *key) for key, visits in self._open.items() for v in visits
+        ]
+        heapq.heapify(self._deadlines)
+
+    def take_dirty(self) -> dict[VisitKey, list[Visit] | None]:
+        """The keys changed since the last call, with their open visits (``None``: none left)."""
+        changed = {key: self._open.get(key) for key in self.dirty}
+        self.dirty = set()
+        return changed
