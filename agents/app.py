@@ -1,0 +1,166 @@
+"""The Faust application: one agent over the events topic, a timer, and ``/metrics``.
+
+The agent takes records in batches (``noack_take``: Faust's per-record delivery cost is paid once
+per record, and a record may carry many events), hands them to :class:`BatchProcessor`, and acks
+them only after their effects are durable in the store. Faust then commits those offsets; the store
+keeps its own applied offset per partition, which is what makes replays harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from redis.asyncio import Redis
+
+from agents.kafka import Publisher
+from agents.metrics import WorkerMetrics
+from agents.processor import BatchProcessor
+from agents.redis_store import RedisStore
+from agents.settings import Settings
+from stream.partition import Record
+
+log = logging.getLogger(__name__)
+
+# aiohttp takes the charset apart from the content type; the text is UTF-8 (its default).
+_CONTENT_TYPE = CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4"
+
+
+def create_app(settings: Settings, partitions: int) -> faust.App:
+    """Build the worker's Faust app.
+
+    Args:
+        settings: The worker's settings.
+        partitions: Partitions of the events topic (see :func:`agents.kafka.ensure_topics`).
+    """
+    app = faust.App(
+        settings.group_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        value_serializer="raw",
+        key_serializer="raw",
+        store="memory://",
+        datadir=settings.data_dir,
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_in_thread=False,
+        broker_session_timeout=settings.broker_session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, settings.broker_session_timeout_seconds / 3),
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        # Waiting for stream buffers to drain is what kept a naive worker alive for minutes after
+        # SIGTERM; unacked records are simply replayed (and skipped by offset if applied).
+        stream_wait_empty=False,
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        topic_partitions=partitions,
+        producer_max_request_size=16 * 1024 * 1024,
+        consumer_max_fetch_size=16 * 1024 * 1024,
+        logging_config=None,
+    )
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    store = RedisStore(redis, partitions, settings.redis_prefix, settings.hll_retention_seconds)
+    publisher = Publisher(settings)
+    processor = BatchProcessor(store, publisher, settings, partitions, metrics)
+    topic = app.topic(
+        settings.events_topic,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=partitions,
+        internal=False,
+    )
+
+    @app.agent(topic, concurrency=1)
+    async def events(stream: Any) -> None:  # faust.Stream: noack_take is not in StreamT
+        async for batch in stream.noack_take(
+            settings.batch_max_records, within=settings.batch_within_ms / 1000
+        ):
+            records = [_record(event) for event in batch]
+            await processor.handle(records)
+            for event in batch:
+                await stream.ack(event)
+
+    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+    async def idle_advance() -> None:
+        await processor.advance_idle()
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assigned(sender: Any, assigned: Any, **_: Any) -> None:
+        processor.assigned = {tp.partition for tp in assigned if tp.topic == settings.events_topic}
+        processor.forget(p for p in list(processor.states) if p not in processor.assigned)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked(sender: Any, revoked: Any, **_: Any) -> None:
+        processor.forget(tp.partition for tp in revoked if tp.topic == settings.events_topic)
+
+    @app.page("/metrics")
+    async def metrics_page(web: View, request: Request) -> Response:
+        try:
+            snapshot = await store.read()
+        except Exception as exc:  # the store is down: still serve the worker's own health
+            log.warning("metrics: cannot read the store: %s", exc)
+            snapshot = None
+        metrics.store.snapshot = snapshot
+        if snapshot is not None:
+            _update_lag(app, metrics, snapshot.offsets, processor.assigned, settings.events_topic)
+        return web.bytes(metrics.render(), content_type=_CONTENT_TYPE)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def announce() -> None:
+        log.info(
+            "kpi worker: topic %s (%d partitions), store %s, metrics http://%s:%d/metrics",
+            settings.events_topic,
+            partitions,
+            _redacted(settings.redis_url),
+            settings.web_host,
+            settings.web_port,
+        )
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def close(sender: Any, **_: Any) -> None:
+        await publisher.stop()
+        await redis.aclose()
+
+    return app
+
+
+def _record(event: Any) -> Record:
+    """The domain's view of a Faust event's message."""
+    message = event.message
+    headers = message.headers or ()
+    if isinstance(headers, dict):
+        headers = tuple(headers.items())
+    return Record(message.partition, message.offset, message.key, message.value, tuple(headers))
+
+
+def _update_lag(
+    app: faust.App,
+    metrics: WorkerMetrics,
+    offsets: dict[int, int],
+    assigned: set[int],
+    topic: str,
+) -> None:
+    consumer = app.consumer
+    for partition in assigned:
+        try:
+            highwater = consumer.highwater(faust.types.TP(topic, partition))
+        except Exception:  # not fetched yet
+            continue
+        if highwater is not None:
+            lag = max(0, highwater - offsets.get(partition, -1) - 1)
+            metrics.consumer_lag.labels(str(partition)).set(lag)
+
+
+def _redacted(url: str) -> str:
+    """A URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

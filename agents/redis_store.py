@@ -1,0 +1,229 @@
+"""The Redis implementation of :class:`stream.store.Store`.
+
+Key design (``P`` a partition, ``C`` a campaign; ``{...}`` is the Redis Cluster hash tag):
+
+=====================================  ===============================================  =======
+key                                    holds                                            type
+=====================================  ===============================================  =======
+``kpi:{pP}:meta``                      applied offset, watermark, newest event time     hash
+``kpi:{pP}:cnt``                       ``C\\x1f<counter>`` -> total                      hash
+``kpi:{pP}:pipe``                      pipeline counters                                hash
+``kpi:{pP}:open``                      ``[C, visitor]`` -> open visits                  hash
+``kpi:{pP}:w:<bucket_ms>:<start_ms>``  ``C\\x1f<field>`` -> closed-visit sums            hash
+``kpi:{pP}:wb``                        window bucket keys by start (for purging)        zset
+``kpi:{pP}:seen``                      counted event ids, scored by watermark           zset
+``kpi:{cC}:u:<kind>:<bucket_ms>:<s>``  distinct visitors / participants of a bucket     HLL
+=====================================  ===============================================  =======
+
+Every key a commit writes carries its partition's hash tag, so one ``MULTI``/``EXEC`` applies a
+batch atomically with its offset, on a single Redis or a Redis Cluster. HyperLogLogs are keyed by
+campaign instead (one ``PFCOUNT`` unions a window's buckets across partitions); ``PFADD`` is
+idempotent, so they are written before the commit, outside it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from stream.kpis import KpiSnapshot
+from stream.partition import (
+    UNIQUE_PARTICIPANTS,
+    UNIQUE_PARTICIPATING_VISITORS,
+    UNIQUE_VISITORS,
+    Delta,
+)
+from stream.store import PartitionSnapshot, UniqueAdds
+from stream.visits import Visit, VisitKey
+from stream.watermark import Watermark
+from stream.windows import RETENTION_MS, WINDOWS, window_bucket_starts
+
+SEP = "\x1f"
+_KINDS = (UNIQUE_VISITORS, UNIQUE_PARTICIPATING_VISITORS, UNIQUE_PARTICIPANTS)
+
+
+class RedisStore:
+    """The shared store, in Redis.
+
+    Args:
+        redis: An asyncio Redis client (``decode_responses=False``).
+        partitions: How many partitions the events topic has.
+        prefix: Prefix of every key.
+        unique_ttl_s: Wall-clock lifetime of a distinct-count bucket.
+    """
+
+    def __init__(
+        self, redis: Redis, partitions: int, prefix: str = "kpi", unique_ttl_s: int = 259200
+    ):
+        self.redis = redis
+        self.partitions = partitions
+        self.prefix = prefix
+        self.unique_ttl_s = unique_ttl_s
+
+    def key(self, partition: int, name: str) -> str:
+        """A key of one partition's state."""
+        return f"{self.prefix}:{{p{partition}}}:{name}"
+
+    def unique_key(self, campaign: str, kind: str, bucket_ms: int, start_ms: int) -> str:
+        """The HyperLogLog of one campaign's bucket."""
+        return f"{self.prefix}:{{c:{campaign}}}:u:{kind}:{bucket_ms}:{start_ms}"
+
+    async def load(self, partition: int) -> PartitionSnapshot:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.key(partition, "meta"))
+            pipe.hgetall(self.key(partition, "open"))
+            meta, open_visits = await pipe.execute()
+        if not meta:
+            return PartitionSnapshot()
+        watermark = Watermark(
+            watermark_ms=int(meta[b"watermark_ms"]),
+            newest_event_ms=int(meta[b"newest_event_ms"]),
+            anchor_ms=int(meta[b"watermark_ms"]),
+        )
+        visits: dict[VisitKey, list[Visit]] = {}
+        for field, packed in open_visits.items():
+            campaign, visitor = orjson.loads(field)
+            visits[campaign, visitor] = [Visit.unpack(v) for v in orjson.loads(packed)]
+        return PartitionSnapshot(int(meta[b"offset"]), watermark, visits)
+
+    async def seen(self, partition: int, event_ids: Sequence[str]) -> set[str]:
+        if not event_ids:
+            return set()
+        scores = await self.redis.zmscore(self.key(partition, "seen"), list(event_ids))
+        return {i for i, score in zip(event_ids, scores, strict=True) if score is not None}
+
+    async def add_uniques(self, uniques: UniqueAdds) -> None:
+        if not uniques:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (campaign, kind, bucket_ms, start_ms), members in uniques.items():
+                key = self.unique_key(campaign, kind, bucket_ms, start_ms)
+                pipe.pfadd(key, *members)
+                pipe.expire(key, self.unique_ttl_s)
+            await pipe.execute()
+
+    async def commit(self, delta: Delta, expected_offset: int, dedup_retention_ms: int) -> bool:
+        p = delta.partition
+        meta = self.key(p, "meta")
+        buckets_index = self.key(p, "wb")
+        oldest_bucket_ms = delta.watermark.newest_event_ms - RETENTION_MS
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(meta)
+                stored = await pipe.hget(meta, "offset")
+                if (int(stored) if stored is not None else -1) != expected_offset:
+                    return False
+                expired = await pipe.zrangebyscore(buckets_index, "-inf", f"({oldest_bucket_ms}")
+                pipe.multi()  # type: ignore[no-untyped-call]
+                self._write(pipe, delta, dedup_retention_ms)
+                if expired:
+                    pipe.delete(*expired)
+                    pipe.zrem(buckets_index, *expired)
+                await pipe.execute()
+        except WatchError:
+            return False
+        return True
+
+    def _write(self, pipe: object, delta: Delta, dedup_retention_ms: int) -> None:
+        """Queue the writes of ``delta`` on a ``MULTI`` pipeline."""
+        p = delta.partition
+        wm = delta.watermark
+        pipe.hset(  # type: ignore[attr-defined]
+            self.key(p, "meta"),
+            mapping={
+                "offset": delta.offset,
+                "watermark_ms": wm.watermark_ms,
+                "newest_event_ms": wm.newest_event_ms,
+                "open_visits": delta.open_visits,
+            },
+        )
+        counters = self.key(p, "cnt")
+        for (campaign, name), value in delta.counters.items():
+            pipe.hincrby(counters, f"{campaign}{SEP}{name}", value)  # type: ignore[attr-defined]
+        pipeline = self.key(p, "pipe")
+        for name, value in delta.pipeline.items():
+            pipe.hincrby(pipeline, name, value)  # type: ignore[attr-defined]
+        buckets: dict[tuple[int, int], list[tuple[str, int]]] = defaultdict(list)
+        for (bucket_ms, start_ms, campaign, name), value in delta.windows.items():
+            buckets[bucket_ms, start_ms].append((f"{campaign}{SEP}{name}", value))
+        for (bucket_ms, start_ms), fields in buckets.items():
+            key = self.key(p, f"w:{bucket_ms}:{start_ms}")
+            for name, value in fields:
+                pipe.hincrby(key, name, value)  # type: ignore[attr-defined]
+            pipe.zadd(self.key(p, "wb"), {key: start_ms})  # type: ignore[attr-defined]
+        upserts = {
+            orjson.dumps(list(key)): orjson.dumps([v.pack() for v in visits])
+            for key, visits in delta.visits.items()
+            if visits is not None
+        }
+        deletes = [
+            orjson.dumps(list(key)) for key, visits in delta.visits.items() if visits is None
+        ]
+        if upserts:
+            pipe.hset(self.key(p, "open"), mapping=upserts)  # type: ignore[attr-defined]
+        if deletes:
+            pipe.hdel(self.key(p, "open"), *deletes)  # type: ignore[attr-defined]
+        seen = self.key(p, "seen")
+        if delta.seen:
+            pipe.zadd(seen, dict.fromkeys(delta.seen, wm.watermark_ms))  # type: ignore[attr-defined]
+        horizon = wm.watermark_ms - dedup_retention_ms
+        pipe.zremrangebyscore(seen, "-inf", f"({horizon}")  # type: ignore[attr-defined]
+
+    async def read(self) -> KpiSnapshot:
+        snap = KpiSnapshot()
+        partitions = range(self.partitions)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in partitions:
+                pipe.hgetall(self.key(p, "meta"))
+                pipe.hgetall(self.key(p, "cnt"))
+                pipe.hgetall(self.key(p, "pipe"))
+            replies = await pipe.execute()
+        for p in partitions:
+            meta, counters, pipeline = replies[3 * p : 3 * p + 3]
+            if meta:
+                snap.watermarks_ms[p] = int(meta[b"watermark_ms"])
+                snap.offsets[p] = int(meta[b"offset"])
+                snap.newest_event_ms = max(snap.newest_event_ms, int(meta[b"newest_event_ms"]))
+                snap.open_visits += int(meta.get(b"open_visits", 0))
+            for field, value in counters.items():
+                campaign, name = field.decode().rsplit(SEP, 1)
+                snap.add_counters(campaign, {name: int(value)})
+            snap.pipeline.update({k.decode(): int(v) for k, v in pipeline.items()})
+        if snap.newest_event_ms >= 0:
+            await self._read_windows(snap)
+        return snap
+
+    async def _read_windows(self, snap: KpiSnapshot) -> None:
+        campaigns = sorted(snap.counters)
+        plan: list[tuple[str, str | None, str | None]] = []  # (window, campaign, kind) per reply
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for spec in WINDOWS:
+                starts = window_bucket_starts(snap.newest_event_ms, spec)
+                for p in range(self.partitions):
+                    for start in starts:
+                        pipe.hgetall(self.key(p, f"w:{spec.bucket_ms}:{start}"))
+                        plan.append((spec.label, None, None))
+                for campaign in campaigns:
+                    for kind in _KINDS:
+                        keys = [self.unique_key(campaign, kind, spec.bucket_ms, s) for s in starts]
+                        pipe.pfcount(*keys)
+                        plan.append((spec.label, campaign, kind))
+            replies = await pipe.execute()
+        for campaign in campaigns:
+            for spec in WINDOWS:
+                snap.window(campaign, spec.label)
+        for (label, campaign, kind), reply in zip(plan, replies, strict=True):
+            if campaign is None:
+                sums: Counter[tuple[str, str]] = Counter()
+                for field, value in reply.items():
+                    c, counter = field.decode().rsplit(SEP, 1)
+                    sums[c, counter] += int(value)
+                for (c, counter), total in sums.items():
+                    snap.window(c, label).sums[counter] += total
+            else:
+                assert kind is not None
+                snap.window(campaign, label).uniques[kind] = int(reply)
