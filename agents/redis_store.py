@@ -213,11 +213,11 @@ class RedisStore:
                         pipe.pfcount(*keys)
                         plan.append((spec.label, campaign, kind))
             replies = await pipe.execute()
-        for campaign in campaigns:
+        for name in campaigns:
             for spec in WINDOWS:
-                snap.window(campaign, spec.label)
-        for (label, campaign, kind), reply in zip(plan, replies, strict=True):
-            if campaign is None:
+                snap.window(name, spec.label)
+        for (label, owner, kind), reply in zip(plan, replies, strict=True):
+            if owner is None:
                 sums: Counter[tuple[str, str]] = Counter()
                 for field, value in reply.items():
                     c, counter = field.decode().rsplit(SEP, 1)
@@ -226,4 +226,4 @@ class RedisStore:
                     snap.window(c, label).sums[counter] += total
             else:
                 assert kind is not None
-                snap.window(campaign, label).uniques[kind] = int(reply)
+                snap.window(owner, label).uniques[kind] = int(reply)

@@ -32,6 +32,8 @@ class Reason(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     TOO_LARGE = "too_large"
     INVALID_UTF8 = "invalid_utf8"
+    PROCESSING_ERROR = "processing_error"
+    """Not about the event: the worker failed on the record (a bug), and dead-lettered it."""
 
 
 class EventType(StrEnum):
@@ -89,7 +91,7 @@ class Rejection:
         reason: The contract's reason.
         message: A short human explanation (never contains field values: they may be PII).
         raw: The original bytes for a whole record; for one event of an envelope, that event
-            serialized again as JSON.
+            serialized again as JSON (the whole record when it is nested too deeply to encode).
         index: Position inside the envelope, ``None`` for a whole record.
     """
 
@@ -110,8 +112,9 @@ class _Invalid(Exception):
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
+# ``\Z``, not ``$`` (which also matches before a trailing newline); ASCII digits only.
 _RFC3339: Final = re.compile(
-    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z", re.ASCII
 )
 
 
@@ -231,6 +234,20 @@ def _one(obj: object, raw: bytes | None, index: int | None) -> Event | Rejection
         return Rejection(invalid.reason, invalid.message, raw, index)
 
 
+# orjson decodes up to 1024 levels of nesting but encodes at most this many: an event nested
+# deeper could be neither forwarded nor dead-lettered as JSON, so it is rejected as invalid JSON.
+_MAX_ENCODABLE_DEPTH: Final = 254
+_TOO_DEEP: Final = f"event is nested more than {_MAX_ENCODABLE_DEPTH} levels deep"
+
+
+def _encode(obj: object) -> bytes | None:
+    """``obj`` as JSON, ``None`` when nested too deeply to encode."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return None
+
+
 def decode_record(value: bytes | None) -> list[Event | Rejection]:
     """Decode one record value into its events and rejections, in record order.
 
@@ -255,15 +272,22 @@ def decode_record(value: bytes | None) -> list[Event | Rejection]:
         except UnicodeDecodeError:
             return [Rejection(Reason.INVALID_UTF8, "record is not valid UTF-8", value)]
         return [Rejection(Reason.INVALID_JSON, f"invalid JSON: {exc.msg}"[:200], value)]
+    # Nesting too deep to encode needs more opening brackets than that (a cheap pre-check).
+    deep = value.count(b"[") + value.count(b"{") > _MAX_ENCODABLE_DEPTH
     if not isinstance(decoded, list):
+        if deep and _encode(decoded) is None:
+            return [Rejection(Reason.INVALID_JSON, _TOO_DEEP, value)]
         return [_one(decoded, value, None)]
-    if size <= MAX_EVENT_BYTES:
+    if size <= MAX_EVENT_BYTES and not deep:
         # No element can exceed the limit when the whole envelope does not: skip re-encoding.
         return [_one(obj, None, i) for i, obj in enumerate(decoded)]
     out: list[Event | Rejection] = []
     for i, obj in enumerate(decoded):
-        raw = orjson.dumps(obj)
-        if len(raw) > MAX_EVENT_BYTES:
+        raw = _encode(obj)
+        if raw is None:
+            # Not encodable: the dead-letter record carries the whole envelope (and the index).
+            out.append(Rejection(Reason.INVALID_JSON, _TOO_DEEP, value, i))
+        elif len(raw) > MAX_EVENT_BYTES:
             out.append(
                 Rejection(Reason.TOO_LARGE, f"event is {len(raw)} bytes, over 64 KiB", raw, i)
             )

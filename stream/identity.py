@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+import orjson
+
 from stream.events import Event
 
 _SEP = "\x1f"
@@ -27,8 +29,10 @@ def participant_hash(key: bytes, event: Event) -> str:
     """
     p = event.participant
     if p is None:
-        material = "visitor" + _SEP + event.visitor_id
+        material = ("visitor" + _SEP + event.visitor_id).encode()
     else:
-        parts = (p.first_name, p.last_name, p.email)
-        material = "person" + _SEP + _SEP.join(part.strip().casefold() for part in parts)
-    return hmac.new(key, material.encode(), hashlib.sha256).hexdigest()[:32]
+        parts = [part.strip().casefold() for part in (p.first_name, p.last_name, p.email)]
+        # A JSON array, not the parts joined by a separator: a separator inside a field would
+        # make two different people one identity.
+        material = ("person" + _SEP).encode() + orjson.dumps(parts)
+    return hmac.new(key, material, hashlib.sha256).hexdigest()[:32]

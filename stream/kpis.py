@@ -118,6 +118,7 @@ class KpiSnapshot:
         pipeline: ``counter -> total`` over all partitions (``rejected:<reason>`` included).
         windows: ``(campaign, window label) -> data``.
         watermarks_ms: ``partition -> watermark`` (epoch ms).
+        offsets: ``partition -> last applied offset``.
         newest_event_ms: Newest event time over all partitions: where the windows end.
         open_visits: Open visits over all partitions.
     """
@@ -126,6 +127,7 @@ class KpiSnapshot:
     pipeline: Counter[str] = field(default_factory=Counter)
     windows: dict[tuple[str, str], WindowData] = field(default_factory=dict)
     watermarks_ms: dict[int, int] = field(default_factory=dict)
+    offsets: dict[int, int] = field(default_factory=dict)
     newest_event_ms: int = -1
     open_visits: int = 0
 

@@ -123,6 +123,7 @@ class MemoryStore:
             snap.pipeline.update(self.pipeline.get(p, Counter()))
         for p, stored in self.partitions.items():
             snap.watermarks_ms[p] = stored.watermark.watermark_ms
+            snap.offsets[p] = stored.offset
             snap.newest_event_ms = max(snap.newest_event_ms, stored.watermark.newest_event_ms)
         snap.open_visits = sum(self.open_visits.values())
         for spec in WINDOWS:

@@ -98,8 +98,9 @@ class VisitTracker:
         new = Visit(
             ts_ms,
             ts_ms,
-            page_views=event_type is EventType.PAGE_VIEW,
-            interactions=event_type is EventType.INTERACTION,
+            # int(): a bool would be stored as JSON true/false, not as a count.
+            page_views=int(event_type is EventType.PAGE_VIEW),
+            interactions=int(event_type is EventType.INTERACTION),
             events=1,
         )
         visits = self._open.get(key)
