@@ -216,7 +216,7 @@ class RedisStore:
         for name in campaigns:
             for spec in WINDOWS:
                 snap.window(name, spec.label)
-        for (label, owner, kind), reply in zip(plan, replies, strict=True):
+        for (label, owner, unique), reply in zip(plan, replies, strict=True):
             if owner is None:
                 sums: Counter[tuple[str, str]] = Counter()
                 for field, value in reply.items():
@@ -225,5 +225,5 @@ class RedisStore:
                 for (c, counter), total in sums.items():
                     snap.window(c, label).sums[counter] += total
             else:
-                assert kind is not None
-                snap.window(owner, label).uniques[kind] = int(reply)
+                assert unique is not None
+                snap.window(owner, label).uniques[unique] = int(reply)
