@@ -148,6 +148,7 @@ def _update_lag(
     topic: str,
 ) -> None:
     consumer = app.consumer
+    metrics.consumer_lag.clear()  # partitions revoked since the last scrape go away
     for partition in assigned:
         try:
             highwater = consumer.highwater(faust.types.TP(topic, partition))

@@ -21,6 +21,16 @@ pytestmark = pytest.mark.integration
 
 GAP_S = 60
 LATENESS_S = 120
+# One malformed record or event of each of these reasons is in the scenario.
+REJECTED = (
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "unknown_type",
+    "invalid_utf8",
+    "bad_timestamp",
+    "too_large",
+)
 
 
 def visitor_on(partition: int, name: str, partitions: int = 2) -> str:
@@ -157,15 +167,7 @@ def test_scripted_scenario_every_contract_metric(deployment: Deployment) -> None
     assert value(m, "kpi_events_duplicate_total") == 1
     assert value(m, "kpi_events_late_total") == 1
     assert value(m, "kpi_events_forwarded_total") == 2
-    for reason in (
-        "invalid_json",
-        "not_an_object",
-        "missing_field",
-        "unknown_type",
-        "invalid_utf8",
-        "bad_timestamp",
-        "too_large",
-    ):
+    for reason in REJECTED:
         assert value(m, "kpi_events_rejected_total", reason=reason) == 1, reason
     assert value(m, "kpi_events_rejected_total", reason="invalid_field") == 0
     for partition in ("0", "1"):
@@ -196,10 +198,7 @@ def test_scripted_scenario_every_contract_metric(deployment: Deployment) -> None
     # Every rejection is in the dead-letter topic, with the contract's headers.
     letters = asyncio.run(read_dlq(env["KPI_KAFKA_BOOTSTRAP"], env["KPI_DLQ_TOPIC"], 7))
     reasons = sorted(dict(r.headers)["kpi.error.reason"].decode() for r in letters)
-    assert reasons == sorted(
-        ["invalid_json", "not_an_object", "missing_field", "unknown_type", "invalid_utf8"]
-        + ["bad_timestamp", "too_large"]
-    )
+    assert reasons == sorted(REJECTED)
     for record in letters:
         headers = dict(record.headers)
         assert headers["kpi.source.topic"].decode() == env["KPI_EVENTS_TOPIC"]
