@@ -19,6 +19,7 @@ import click
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from agents.alerts_cli import alerts
 from agents.settings import Settings
 
 log = logging.getLogger("kpi")
@@ -206,6 +207,8 @@ def demo(rate: float, web_port: int) -> None:
 
     sys.exit(run_demo(rate=rate, web_port=web_port, workdir=Path(".kpi-demo")))
 
+
+main.add_command(alerts)
 
 if __name__ == "__main__":
     main()
