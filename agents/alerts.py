@@ -266,7 +266,8 @@ def parse_config(data: Any, source: str = "alerts config") -> AlertsConfig:
         problems = []
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-            got = f" (got {error['input']!r})" if "input" in error and error["loc"] else ""
+            shown = error["loc"] and not isinstance(error.get("input"), dict | list)
+            got = f" (got {error['input']!r})" if shown else ""
             problems.append(f"  {where}: {error['msg']}{got}")
         raise AlertsConfigError(
             f"{source}: invalid alerts config:\n" + "\n".join(problems)
