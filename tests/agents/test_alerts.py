@@ -8,10 +8,12 @@ too little traffic. Their expected alerts come from a small oracle written here 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,7 +374,7 @@ def humanize_duration(v: float) -> str:
     return f"{go_g4(v)}{prefix}s"
 
 
-VALUE_FORMAT = {
+VALUE_FORMAT: dict[str, Callable[[float], str]] = {
     VALUE_TEMPLATE["percent"]: lambda v: f"{go_g4(v * 100)}%",
     VALUE_TEMPLATE["duration"]: humanize_duration,
     VALUE_TEMPLATE["number"]: lambda v: f"{v:.2f}",
@@ -398,8 +400,6 @@ def series(start: float, step: float, samples: int) -> str:
 
 
 def selector(name: str, **labels: str) -> str:
-    import json
-
     inner = ",".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in labels.items())
     return f"{name}{{{inner}}}"
 
@@ -516,7 +516,7 @@ def threshold_cases(config: AlertsConfig, job: str) -> list[Case]:
         inclusive = t.comparator in (">=", "<=")
         # (campaign, variant, value, closed visits in the window, what rule i must do)
         own = t.campaign if t.campaign != "*" else "any-campaign"
-        variants = [
+        variants: list[tuple[str, str, float, float, str]] = [
             (own, "beyond", beyond(t), busy, "fires"),
             (own, "at the threshold", t.threshold, busy, "fires" if inclusive else "silent"),
             (own, "healthy", short_of(t), busy, "silent"),
@@ -622,12 +622,14 @@ def pipeline_cases(config: AlertsConfig) -> list[Case]:
     t = minutes(lag.window) + minutes(lag.for_) + 10
     lag_series = selector("kpi_consumer_lag", partition="3", instance=WORKERS[0], job=p.job)
     growing = lag.records + 1 + 10 * t
-    variants = [("above and growing", series(lag.records + 1, 10, t), [growing])]
+    variants: list[tuple[str, str, list[float]]] = [
+        ("above and growing", series(lag.records + 1, 10, t), [growing])
+    ]
     if lag.records >= 4:
         variants.append(("below and growing", series(0, lag.records / (2 * t), t), []))
     variants.append(("above but flat", series(lag.records + 1, 0, t), []))
     variants.append(("above but shrinking", series(lag.records + 1 + 10 * t, -10, t), []))
-    for variant, values, fired in variants:
+    for variant, values, lags in variants:
         cases.append(
             Case(
                 f"KpiConsumerLagGrowing: {variant}",
@@ -635,10 +637,10 @@ def pipeline_cases(config: AlertsConfig) -> list[Case]:
                 [{"series": lag_series, "values": values}],
                 {
                     "KpiConsumerLagGrowing": [
-                        alert("KpiConsumerLagGrowing", {"partition": "3"}, v) for v in fired
+                        alert("KpiConsumerLagGrowing", {"partition": "3"}, v) for v in lags
                     ]
                 },
-                covers={("KpiConsumerLagGrowing", "fires" if fired else "silent")},
+                covers={("KpiConsumerLagGrowing", "fires" if lags else "silent")},
             )
         )
 
