@@ -68,7 +68,16 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     store = RedisStore(redis, partitions, settings.redis_prefix, settings.hll_retention_seconds)
     publisher = Publisher(settings)
-    processor = BatchProcessor(store, publisher, settings, partitions, metrics)
+
+    def committed(partition: int) -> int | None:
+        # The group's committed offset (next offset to read) as Faust's consumer knows it: read
+        # from Kafka at assignment, updated at each commit. A private attribute: Faust has no
+        # public accessor. A missing value only disables this check (the marker check remains).
+        offsets = getattr(app.consumer, "_committed_offset", {})
+        offset = offsets.get(faust.types.TP(settings.events_topic, partition))
+        return offset if isinstance(offset, int) else None
+
+    processor = BatchProcessor(store, publisher, settings, partitions, metrics, committed=committed)
     topic = app.topic(
         settings.events_topic,
         key_type=bytes,
@@ -89,6 +98,7 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
 
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def idle_advance() -> None:
+        await processor.check_store()  # first: advance_idle may wait on a held partition
         await processor.advance_idle()
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]

@@ -117,6 +117,13 @@ class WorkerMetrics:
             "Batches retried because the store or the broker failed.",
             registry=registry,
         )
+        self.store_reset = Gauge(
+            "kpi_store_reset_detected",
+            "1 while the store is found to have lost acknowledged state (restarted empty, "
+            "flushed): the worker then applies nothing.",
+            registry=registry,
+        )
+        self.store_reset.set(0)
         self.fence_lost = Counter(
             "kpi_partition_fence_lost",
             "Commits refused because another worker had applied the partition meanwhile.",

@@ -11,7 +11,22 @@ For each partition of a batch, under that partition's lock:
 
 Only then does the agent ack the records. Any failure (Redis, Kafka, a lost fence) throws the
 in-memory state away and retries the same records from the stored state: records already applied
-are skipped by offset, so nothing counts twice and nothing is lost.
+are skipped by offset, so nothing counts twice and nothing is lost. An outage of Redis or Kafka is
+such a failure: the batch waits (backoff up to 5 s), unacknowledged, and resumes by itself.
+
+A store that *lost* state is different: retrying would count up from zero. Each time a partition's
+state is loaded, the store is checked first (:class:`StoreResetError`):
+
+- its identity marker must be the one this worker first saw (a Redis restarted empty or flushed has
+  none, or a new one);
+- its applied offset must not be behind what the consumer group has committed: the group commits
+  only acknowledged records, and records are acknowledged only once durable, so committed offset
+  ``> applied + 1`` means acknowledged effects are gone.
+
+When either fails the worker logs an ERROR, sets ``kpi_store_reset_detected`` to 1 and stops
+applying (nothing acked, lag grows), rechecking every few seconds: restoring the store (same marker,
+offsets back) lets it resume by itself; otherwise an operator rebuilds the KPIs by replaying the
+topic into a new key prefix with a new consumer group (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -41,6 +56,21 @@ from stream.store import Store
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 5.0
+_RESET_RECHECK_S = 5.0
+
+
+class StoreResetError(Exception):
+    """The store lost state the consumer group had already acknowledged: do not apply on it.
+
+    Args:
+        what: What was found reset: ``"store"`` (the marker) or ``"partition <n>"``.
+        why: The explanation, for the log.
+    """
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(why)
+        self.what = what
+        self.why = why
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -71,6 +101,8 @@ class BatchProcessor:
         partitions: Partitions of the events topic.
         metrics: The worker's metrics.
         clock: Wall clock, epoch seconds (a parameter for tests).
+        committed: The consumer group's committed offset of a partition (the next offset to
+            read), ``None`` when none; checked against the store's applied offset.
     """
 
     def __init__(
@@ -81,12 +113,16 @@ class BatchProcessor:
         partitions: int,
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.time,
+        committed: Callable[[int], int | None] = lambda _partition: None,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.partitions = partitions
         self.metrics = metrics
         self.clock = clock
+        self.committed = committed
+        self.store_id: str | None = None  # the store's identity marker as first seen
+        self.resets: dict[str, str] = {}  # what is found reset (the marker, a partition) -> why
         self.limits = limits_of(settings)
         self.identity_key = settings.identity_key_bytes()
         self.dedup_retention_ms = settings.dedup_retention_seconds * 1000
@@ -119,6 +155,55 @@ class BatchProcessor:
                     partition, lambda s, _seen: s.idle_advance(self.clock()), ()
                 )
 
+    async def check_store(self) -> None:
+        """Check the store's identity marker now (the timer calls this: detection when idle)."""
+        try:
+            await self._check_marker()
+        except StoreResetError as exc:
+            self._report_reset(exc)
+        except Exception:  # the store is down: the batch loop reports and retries that
+            return
+
+    async def _check_marker(self) -> None:
+        marker = await self.store.marker(create=self.store_id is None)
+        if self.store_id is None:
+            self.store_id = marker
+        elif marker != self.store_id:
+            state = "is gone" if marker is None else f"is now {marker}"
+            raise StoreResetError(
+                "store",
+                f"the store's identity marker {self.store_id} {state}: the store restarted "
+                "empty or was flushed",
+            )
+        self._clear_reset("store")
+
+    def _verify(self, partition: int, applied_offset: int) -> None:
+        committed = self.committed(partition)
+        if committed is not None and committed > applied_offset + 1:
+            raise StoreResetError(
+                f"partition {partition}",
+                f"partition {partition}: the consumer group committed offset {committed} but the "
+                f"store has applied only up to {applied_offset}: acknowledged effects are missing",
+            )
+        self._clear_reset(f"partition {partition}")
+
+    def _report_reset(self, exc: StoreResetError) -> None:
+        if self.resets.get(exc.what) != exc.why:
+            log.error(
+                "STORE RESET DETECTED: %s; not applying anything (nothing is acknowledged) until "
+                "the store is restored, or the KPIs are rebuilt by a replay "
+                "(docs/reliability.md)",
+                exc.why,
+            )
+        self.resets[exc.what] = exc.why
+        self.metrics.store_reset.set(1)
+
+    def _clear_reset(self, what: str) -> None:
+        if self.resets.pop(what, None) is not None:
+            log.warning("store check passed again for %s", what)
+            if not self.resets:
+                self.metrics.store_reset.set(0)
+
     def forget(self, partitions: Iterable[int]) -> None:
         """Drop the state of partitions this worker no longer owns."""
         for partition in partitions:
@@ -128,7 +213,9 @@ class BatchProcessor:
     async def _state(self, partition: int) -> PartitionState:
         state = self.states.get(partition)
         if state is None:
+            await self._check_marker()
             stored = await self.store.load(partition)
+            self._verify(partition, stored.offset)
             state = PartitionState(
                 partition,
                 self.partitions,
@@ -176,6 +263,10 @@ class BatchProcessor:
             except asyncio.CancelledError:
                 self.states.pop(partition, None)
                 raise
+            except StoreResetError as exc:  # never count up from zero: hold, recheck
+                self.states.pop(partition, None)
+                self._report_reset(exc)
+                await asyncio.sleep(_RESET_RECHECK_S)
             except Exception as exc:  # store or broker unavailable: wait, reload, retry
                 self.states.pop(partition, None)
                 self.metrics.store_retries.inc()

@@ -13,16 +13,23 @@ key                                    holds                                    
 ``kpi:{pP}:wb``                        window bucket keys by start (for purging)        zset
 ``kpi:{pP}:seen``                      counted event ids, scored by watermark           zset
 ``kpi:{cC}:u:<kind>:<bucket_ms>:<s>``  distinct visitors / participants of a bucket     HLL
+``kpi:store``                          identity marker: random id and creation time     string
 =====================================  ===============================================  =======
 
 Every key a commit writes carries its partition's hash tag, so one ``MULTI``/``EXEC`` applies a
 batch atomically with its offset, on a single Redis or a Redis Cluster. HyperLogLogs are keyed by
 campaign instead (one ``PFCOUNT`` unions a window's buckets across partitions); ``PFADD`` is
 idempotent, so they are written before the commit, outside it.
+
+The identity marker is written once (``SET NX``) by the first worker and never changed: a Redis that
+restarted empty, or was flushed, has no marker or a new one, which is how workers tell "nothing
+applied yet" from "everything applied was lost" (see :mod:`agents.processor`).
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
@@ -71,6 +78,14 @@ class RedisStore:
     def unique_key(self, campaign: str, kind: str, bucket_ms: int, start_ms: int) -> str:
         """The HyperLogLog of one campaign's bucket."""
         return f"{self.prefix}:{{c:{campaign}}}:u:{kind}:{bucket_ms}:{start_ms}"
+
+    async def marker(self, create: bool) -> str | None:
+        key = f"{self.prefix}:store"
+        if create:
+            identity = {"id": uuid.uuid4().hex, "created_ms": int(time.time() * 1000)}
+            await self.redis.set(key, orjson.dumps(identity), nx=True)
+        value = await self.redis.get(key)
+        return value.decode() if isinstance(value, bytes) else value
 
     async def load(self, partition: int) -> PartitionSnapshot:
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -6,7 +6,10 @@ this one. Both follow the same rules:
 - :meth:`Store.commit` applies a :class:`~stream.partition.Delta` atomically *with* the
   partition's applied offset, and only if the stored offset is still the one the worker loaded
   (a fence against a worker that lost the partition in a rebalance);
-- distinct-count adds are idempotent and written before the commit, so a replay re-adds nothing.
+- distinct-count adds are idempotent and written before the commit, so a replay re-adds nothing;
+- the store carries an identity marker, created once: a store that lost everything (a Redis
+  restarted empty, a flush) has no marker or another one, so workers notice it instead of counting
+  up from zero (see ``agents.processor``).
 """
 
 from __future__ import annotations
@@ -61,6 +64,15 @@ class Store(Protocol):
         """Every KPI and pipeline total, over all partitions."""
         ...
 
+    async def marker(self, create: bool) -> str | None:
+        """The store's identity marker, ``None`` when it has none.
+
+        Args:
+            create: Create the marker first when missing (a new random id and the creation time;
+                when several workers race, one marker wins and all of them read it).
+        """
+        ...
+
 
 class MemoryStore:
     """A :class:`Store` in process memory, exact distinct counts. For unit tests only."""
@@ -73,6 +85,7 @@ class MemoryStore:
         self.seen_ids: dict[int, dict[str, int]] = {}
         self.uniques: dict[tuple[str, str, int, int], set[str]] = {}
         self.open_visits: dict[int, int] = {}
+        self.identity: str | None = None
 
     async def load(self, partition: int) -> PartitionSnapshot:
         stored = self.partitions.get(partition, PartitionSnapshot())
@@ -114,6 +127,11 @@ class MemoryStore:
             del seen[event_id]
         self.open_visits[p] = delta.open_visits
         return True
+
+    async def marker(self, create: bool) -> str | None:
+        if create and self.identity is None:
+            self.identity = f"memory-{id(self):x}"
+        return self.identity
 
     async def read(self) -> KpiSnapshot:
         snap = KpiSnapshot()
