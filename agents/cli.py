@@ -208,6 +208,15 @@ def demo(rate: float, web_port: int) -> None:
     sys.exit(run_demo(rate=rate, web_port=web_port, workdir=Path(".kpi-demo")))
 
 
+@main.command()
+@click.option("--quick", is_flag=True, help="Small sizes (a smoke run, not for the figures)")
+def bench(quick: bool) -> None:
+    """Throughput, latency, memory and /metrics time against baselines (see docs/performance.md)."""
+    from agents.bench import run
+
+    run(quick=quick)
+
+
 main.add_command(alerts)
 
 if __name__ == "__main__":

@@ -1,0 +1,546 @@
+"""``kpi bench``: throughput, latency, memory and scrape time, against baselines in the same run.
+
+It starts its own broker and Redis, pre-loads topics with the same simulated events (one event per
+record, and JSON-array envelopes of 50-500 events), then measures:
+
+- **lean**: an aiokafka ``getmany`` + orjson + dict loop (decode and count only): the ceiling;
+- **faust-idiomatic**: a per-event Faust agent with a table increment (``bench_faust_baseline``);
+- **worker, single** and **worker, envelope**: ``kpi worker`` doing all the contract's work;
+- end-to-end latency (produced -> visible in ``/metrics``) at 50 % of the worker's envelope rate;
+- memory per open visit (worker RSS + Redis ``used_memory``) with many open visits;
+- ``/metrics`` time with 1,000 campaigns.
+
+It prints a table and, last, one JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from redis import Redis
+
+from agents.embedded import EmbeddedBroker, EmbeddedRedis, free_port
+from agents.simulator import Simulator
+from stream.partitioner import partition_for
+
+PARTITIONS = 8
+
+
+@dataclass
+class Sizes:
+    """How much data each measurement uses."""
+
+    events: int = 200_000
+    faust_records: int = 20_000
+    open_visits: int = 1_000_000
+    campaigns: int = 1_000
+    latency_s: float = 15.0
+
+
+QUICK = Sizes(events=20_000, faust_records=3_000, open_visits=50_000, campaigns=100, latency_s=5)
+
+
+def simulated_events(count: int, seed: int = 42) -> list[dict[str, object]]:
+    """Realistic events in simulated time (one hour ago onwards, 100 events per second)."""
+    sim = Simulator(PARTITIONS, gap_s=1800, seed=seed)
+    start_ms = int(time.time() * 1000) - 3_600_000
+    out: list[dict[str, object]] = []
+    tick = 0
+    while len(out) < count:
+        out.extend(sim.events(start_ms + tick * 1000, 100))
+        tick += 1
+    return out[:count]
+
+
+def envelopes(events: list[dict[str, object]], seed: int = 1) -> Iterator[tuple[int, bytes]]:
+    """Events grouped per home partition into arrays of 50-500 events: ``(partition, value)``."""
+    import random
+
+    rng = random.Random(seed)
+    per_partition: dict[int, list[dict[str, object]]] = {p: [] for p in range(PARTITIONS)}
+    for event in events:
+        partition = partition_for(str(event["visitor_id"]), PARTITIONS)
+        batch = per_partition[partition]
+        batch.append(event)
+        if len(batch) >= rng.randint(50, 500):
+            yield partition, orjson.dumps(batch)
+            per_partition[partition] = []
+    for partition, batch in per_partition.items():
+        if batch:
+            yield partition, orjson.dumps(batch)
+
+
+async def create_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(n, PARTITIONS, 1) for n in names])
+    finally:
+        await admin.close()
+
+
+async def produce(
+    bootstrap: str, topic: str, records: list[tuple[bytes | None, int | None, bytes]]
+) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20, max_request_size=8 << 20
+    )
+    await producer.start()
+    try:
+        pending = [await producer.send(topic, v, key=k, partition=p) for k, p, v in records]
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+async def lean(bootstrap: str, topic: str, expected: int) -> float:
+    """The ceiling: getmany + orjson + dict counts. Returns events/s."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=f"lean-{secrets.token_hex(4)}",
+        max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=64 << 20,
+    )
+    await consumer.start()
+    counts: dict[tuple[str, str], int] = {}
+    seen = 0
+    started = 0.0
+    try:
+        while seen < expected:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            if batch and not started:
+                started = time.perf_counter()
+            for records in batch.values():
+                for record in records:
+                    decoded = orjson.loads(record.value)
+                    for event in decoded if isinstance(decoded, list) else (decoded,):
+                        key = (event["campaign_id"], event["type"])
+                        counts[key] = counts.get(key, 0) + 1
+                        seen += 1
+    finally:
+        await consumer.stop()
+    return seen / (time.perf_counter() - started)
+
+
+def faust_idiomatic(bootstrap: str, topic: str, records: int, workdir: Path) -> float:
+    """The per-event Faust agent with a table increment. Returns records/s."""
+    env = {
+        **os.environ,
+        "BENCH_BOOTSTRAP": bootstrap,
+        "BENCH_TOPIC": topic,
+        "BENCH_RECORDS": str(records),
+        "BENCH_GROUP": f"faust-idiomatic-{secrets.token_hex(4)}",
+        "BENCH_PARTITIONS": str(PARTITIONS),
+        "BENCH_DATADIR": str(workdir / "faust-baseline"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "agents.bench_faust_baseline"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    # Faust's worker may route stdout through its logger: look in both streams.
+    lines = (out.stdout + out.stderr).splitlines()
+    done = [line[line.index("DONE") :] for line in lines if "DONE" in line]
+    if not done:
+        raise RuntimeError(f"faust baseline failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    _, count, seconds = done[0].split()
+    return int(count) / float(seconds)
+
+
+@dataclass
+class Worker:
+    """A ``kpi worker`` subprocess for one measurement."""
+
+    bootstrap: str
+    redis_url: str
+    topic: str
+    workdir: Path
+    extra: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Worker:
+        name = secrets.token_hex(4)
+        env = {
+            **os.environ,
+            "KPI_KAFKA_BOOTSTRAP": self.bootstrap,
+            "KPI_REDIS_URL": self.redis_url,
+            "KPI_REDIS_PREFIX": f"bench{name}",
+            "KPI_EVENTS_TOPIC": self.topic,
+            "KPI_DLQ_TOPIC": f"{self.topic}-dlq",
+            "KPI_GROUP_ID": f"bench-{name}",
+            "KPI_IDENTITY_KEY": "bench",
+            "KPI_WEB_PORT": str(self.port),
+            "KPI_DATA_DIR": str(self.workdir / f"faust-{name}"),
+            "KPI_BROKER_SESSION_TIMEOUT_SECONDS": "6",
+            "KPI_LOG_LEVEL": "WARNING",
+            "KPI_IDLE_ADVANCE_SECONDS": "86400",
+            **self.extra,
+        }
+        log = (self.workdir / f"worker-{name}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agents.cli", "worker"], env=env, stdout=log, stderr=log
+        )
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(self.url, timeout=10) as response:
+            return str(response.read().decode())
+
+    def processed(self) -> float:
+        try:
+            text = self.scrape()
+        except OSError:
+            return -1
+        for line in text.splitlines():
+            if line.startswith("kpi_events_processed_total "):
+                return float(line.split()[1])
+        return -1
+
+    def rss_bytes(self) -> int:
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+        return kb * 1024
+
+    def wait_processed(self, expected: int, timeout_s: float = 600) -> tuple[float, float]:
+        """Poll until ``expected`` events are processed: (first progress time, done time)."""
+        deadline = time.monotonic() + timeout_s
+        first = 0.0
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, "worker died"
+            value = self.processed()
+            now = time.perf_counter()
+            if value > 0 and not first:
+                first = now
+            if value >= expected:
+                return first, now
+            time.sleep(0.05)
+        raise TimeoutError(f"worker processed {self.processed()} of {expected}")
+
+
+def worker_rate(bootstrap: str, redis_url: str, topic: str, expected: int, workdir: Path) -> float:
+    """Events/s of ``kpi worker`` over a pre-loaded topic (from first progress to the end)."""
+    with Worker(bootstrap, redis_url, topic, workdir) as worker:
+        first, done = worker.wait_processed(expected)
+    return expected / (done - first)
+
+
+def latency(
+    bootstrap: str, redis_url: str, rate: float, duration_s: float, workdir: Path
+) -> dict[str, float]:
+    """p50/p99 seconds from produce to visible in /metrics, at ``rate`` events/s."""
+    topic = f"latency-{secrets.token_hex(4)}"
+    asyncio.run(create_topics(bootstrap, [topic]))
+    sim = Simulator(PARTITIONS, seed=5)
+    with Worker(bootstrap, redis_url, topic, workdir) as worker:
+        while worker.processed() < 0:
+            time.sleep(0.2)
+        # warm up: the group must be joined before we time anything
+        asyncio.run(
+            produce(
+                bootstrap,
+                topic,
+                [
+                    (None, p, orjson.dumps(sim.events(int(time.time() * 1000), 1)[0]))
+                    for p in range(PARTITIONS)
+                ],
+            )
+        )
+        worker.wait_processed(PARTITIONS, timeout_s=60)
+        sent: list[tuple[float, int]] = []  # (time produced, cumulative events)
+        seen: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                seen.append((time.perf_counter(), worker.processed()))
+                time.sleep(0.02)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+
+        async def traffic() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+            await producer.start()
+            total = PARTITIONS
+            tick_s = 0.1
+            try:
+                started = time.perf_counter()
+                while time.perf_counter() - started < duration_s:
+                    tick = time.perf_counter()
+                    events = sim.events(int(time.time() * 1000), max(1, int(rate * tick_s)))
+                    futures = [
+                        await producer.send(topic, r.value, key=r.key, partition=r.partition)
+                        for r in sim.records(events)
+                    ]
+                    await asyncio.gather(*futures)
+                    total += len(events)
+                    sent.append((time.perf_counter(), total))
+                    await asyncio.sleep(max(0.0, tick_s - (time.perf_counter() - tick)))
+            finally:
+                await producer.stop()
+
+        asyncio.run(traffic())
+        time.sleep(3)
+        stop.set()
+        poller.join()
+    delays = []
+    for produced_at, cumulative in sent:
+        visible = next((t for t, n in seen if n >= cumulative and t >= produced_at), None)
+        if visible is not None:
+            delays.append(visible - produced_at)
+    delays.sort()
+    return {
+        "p50_s": statistics.median(delays),
+        "p99_s": delays[min(len(delays) - 1, int(len(delays) * 0.99))],
+        "samples": len(delays),
+    }
+
+
+def open_visit_memory(
+    bootstrap: str, redis: EmbeddedRedis, visits: int, workdir: Path
+) -> dict[str, float]:
+    """Bytes per open visit: worker RSS growth + Redis used_memory growth, ``visits`` open."""
+    topic = f"memory-{secrets.token_hex(4)}"
+    asyncio.run(create_topics(bootstrap, [topic]))
+    now_ms = int(time.time() * 1000) - 60_000
+    client = Redis.from_url(redis.url)
+    with Worker(bootstrap, redis.url, topic, workdir) as worker:
+        while worker.processed() < 0:
+            time.sleep(0.2)
+        rss0 = worker.rss_bytes()
+        redis0 = int(client.info("memory")["used_memory"])
+        per_partition: dict[int, list[bytes]] = {p: [] for p in range(PARTITIONS)}
+        records: list[tuple[bytes | None, int | None, bytes]] = []
+        for i in range(visits):
+            visitor = f"m{i:08d}"
+            event = {
+                "event_id": f"mem-{i}",
+                "type": "page_view",
+                "ts": now_ms + i % 1000,
+                "campaign_id": "memory",
+                "visitor_id": visitor,
+            }
+            batch = per_partition[partition_for(visitor, PARTITIONS)]
+            batch.append(orjson.dumps(event))
+            if len(batch) == 500:
+                records.append(
+                    (None, partition_for(visitor, PARTITIONS), b"[" + b",".join(batch) + b"]")
+                )
+                batch.clear()
+        for p, batch in per_partition.items():
+            if batch:
+                records.append((None, p, b"[" + b",".join(batch) + b"]"))
+        asyncio.run(produce(bootstrap, topic, records))
+        worker.wait_processed(visits)
+        rss1 = worker.rss_bytes()
+        redis1 = int(client.info("memory")["used_memory"])
+    client.close()
+    return {
+        "worker_bytes_per_visit": (rss1 - rss0) / visits,
+        "redis_bytes_per_visit": (redis1 - redis0) / visits,
+        "bytes_per_open_visit": (rss1 - rss0 + redis1 - redis0) / visits,
+    }
+
+
+def metrics_render(
+    bootstrap: str, redis_url: str, campaigns: int, workdir: Path
+) -> dict[str, float]:
+    """Median time of GET /metrics with ``campaigns`` campaigns in the store."""
+    topic = f"render-{secrets.token_hex(4)}"
+    asyncio.run(create_topics(bootstrap, [topic]))
+    now_ms = int(time.time() * 1000) - 600_000
+    events = []
+    for c in range(campaigns):
+        for v in range(4):
+            for k, kind in enumerate(("page_view", "interaction", "participation")):
+                events.append(
+                    {
+                        "event_id": f"r{c}-{v}-{k}",
+                        "type": kind,
+                        "ts": now_ms + k * 1000,
+                        "campaign_id": f"campaign-{c:04d}",
+                        "visitor_id": f"rv{c}-{v}",
+                    }
+                )
+    closer = {
+        "event_id": "closer",
+        "type": "page_view",
+        "ts": now_ms + 300_000,  # 5 min later (gap 60 s): closes every visit, still in the past
+        "campaign_id": "campaign-0000",
+        "visitor_id": "closer",
+    }
+    records = [(None, p, v) for p, v in envelopes(events)]
+    with Worker(bootstrap, redis_url, topic, workdir, {"KPI_SESSION_GAP_SECONDS": "60"}) as worker:
+        asyncio.run(produce(bootstrap, topic, records))
+        worker.wait_processed(len(events))
+        closers = [
+            (None, p, orjson.dumps({**closer, "event_id": f"closer{p}", "visitor_id": v}))
+            for p, v in _visitor_per_partition().items()
+        ]
+        asyncio.run(produce(bootstrap, topic, closers))
+        worker.wait_processed(len(events) + len(closers))
+        times = []
+        size = 0
+        for _ in range(15):
+            started = time.perf_counter()
+            size = len(worker.scrape())
+            times.append(time.perf_counter() - started)
+    return {"median_s": statistics.median(times), "bytes": size}
+
+
+def _visitor_per_partition() -> dict[int, str]:
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < PARTITIONS:
+        visitor = f"closer{i}"
+        found.setdefault(partition_for(visitor, PARTITIONS), visitor)
+        i += 1
+    return found
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Run every measurement; returns the figures (also printed)."""
+    sizes = QUICK if quick else Sizes()
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "events": sizes.events,
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="kpi-bench-") as tmp,
+        EmbeddedBroker() as broker,
+        EmbeddedRedis(appendfsync="always") as redis,
+    ):
+        workdir = Path(tmp)
+        bootstrap = broker.bootstrap
+        events = simulated_events(sizes.events)
+        single, enveloped = "bench-single", "bench-envelope"
+        asyncio.run(create_topics(bootstrap, [single, enveloped]))
+        asyncio.run(
+            produce(
+                bootstrap,
+                single,
+                [(str(e["visitor_id"]).encode(), None, orjson.dumps(e)) for e in events],
+            )
+        )
+        asyncio.run(produce(bootstrap, enveloped, [(None, p, v) for p, v in envelopes(events)]))
+        print("measuring lean…", file=sys.stderr)
+        results["lean_events_per_s"] = asyncio.run(lean(bootstrap, single, sizes.events))
+        print("measuring faust-idiomatic…", file=sys.stderr)
+        results["faust_idiomatic_records_per_s"] = faust_idiomatic(
+            bootstrap, single, sizes.faust_records, workdir
+        )
+        print("measuring worker, single…", file=sys.stderr)
+        results["worker_single_events_per_s"] = worker_rate(
+            bootstrap, redis.url, single, sizes.events, workdir
+        )
+        print("measuring worker, envelope…", file=sys.stderr)
+        results["worker_envelope_events_per_s"] = worker_rate(
+            bootstrap, redis.url, enveloped, sizes.events, workdir
+        )
+        results["ratio_envelope_vs_lean"] = (
+            results["worker_envelope_events_per_s"] / results["lean_events_per_s"]
+        )
+        results["ratio_single_vs_faust"] = (
+            results["worker_single_events_per_s"] / results["faust_idiomatic_records_per_s"]
+        )
+        rate = results["worker_envelope_events_per_s"] * 0.5
+        print(f"measuring latency at {rate:,.0f} events/s…", file=sys.stderr)
+        results["latency"] = {
+            "rate_events_per_s": rate,
+            **latency(bootstrap, redis.url, rate, sizes.latency_s, workdir),
+        }
+        print(f"measuring memory with {sizes.open_visits:,} open visits…", file=sys.stderr)
+        results["memory"] = {
+            "open_visits": sizes.open_visits,
+            **open_visit_memory(bootstrap, redis, sizes.open_visits, workdir),
+        }
+        print(f"measuring /metrics with {sizes.campaigns:,} campaigns…", file=sys.stderr)
+        results["metrics_render"] = {
+            "campaigns": sizes.campaigns,
+            **metrics_render(bootstrap, redis.url, sizes.campaigns, workdir),
+        }
+    print_table(results)
+    print(json.dumps(results, sort_keys=True))
+    return results
+
+
+def print_table(r: dict[str, Any]) -> None:
+    """The human-readable summary, with the issue's targets."""
+    rows = [
+        (
+            "lean (aiokafka getmany + orjson + dict)",
+            f"{r['lean_events_per_s']:,.0f} events/s",
+            "ceiling",
+        ),
+        (
+            "faust-idiomatic (per event, table +1)",
+            f"{r['faust_idiomatic_records_per_s']:,.0f} records/s",
+            "baseline",
+        ),
+        (
+            "worker, single (1 event/record)",
+            f"{r['worker_single_events_per_s']:,.0f} events/s",
+            f"{r['ratio_single_vs_faust']:.2f} x faust-idiomatic (target >= 5)",
+        ),
+        (
+            "worker, envelope (50-500 events/record)",
+            f"{r['worker_envelope_events_per_s']:,.0f} events/s",
+            f"{r['ratio_envelope_vs_lean']:.2f} x lean (target >= 0.5)",
+        ),
+        (
+            "latency p50 / p99",
+            f"{r['latency']['p50_s'] * 1000:,.0f} / {r['latency']['p99_s'] * 1000:,.0f} ms",
+            f"at {r['latency']['rate_events_per_s']:,.0f} events/s (target p99 <= 2 s)",
+        ),
+        (
+            "memory per open visit",
+            f"{r['memory']['bytes_per_open_visit']:,.0f} bytes",
+            f"worker {r['memory']['worker_bytes_per_visit']:,.0f} + Redis {r['memory']['redis_bytes_per_visit']:,.0f}"
+            f" at {r['memory']['open_visits']:,} (target <= 300)",
+        ),
+        (
+            "/metrics",
+            f"{r['metrics_render']['median_s'] * 1000:,.1f} ms",
+            f"{r['metrics_render']['campaigns']:,} campaigns (target <= 100 ms)",
+        ),
+    ]
+    width = max(len(a) for a, _, _ in rows)
+    print(f"kpi bench — {r['machine']}, {r['events']:,} events")
+    for name, value, note in rows:
+        print(f"  {name:<{width}}  {value:>22}  {note}")
