@@ -249,7 +249,7 @@ class Worker:
                 first = now
             if value >= expected:
                 return first, now
-            time.sleep(0.05)
+            time.sleep(0.25)  # each scrape reads the store: poll gently, not to slow the worker
         raise TimeoutError(f"worker processed {self.processed()} of {expected}")
 
 

@@ -8,6 +8,7 @@ event inside an envelope rejects that event only. Bad input is data: every probl
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -57,7 +58,9 @@ class Participant:
     email: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(
+    slots=True
+)  # not frozen: built per event, and frozen __init__ costs (treat as immutable)
 class Event:
     """A valid event.
 
@@ -190,8 +193,15 @@ _TYPED_FIELDS: Final[dict[EventType, tuple[tuple[str, type], ...]]] = {
 }
 
 
+def _short_str(value: Any) -> bool:
+    return value.__class__ is str and 0 < len(value) <= MAX_ID_CHARS
+
+
 def validate(obj: object) -> Event:
     """Validate one decoded JSON value as an event.
+
+    The common case (string ids, integer ``ts``, well-typed fields) takes a fast path; anything
+    else goes through :func:`_validate_fully`, which finds the precise reason.
 
     Args:
         obj: A value decoded from JSON.
@@ -202,6 +212,39 @@ def validate(obj: object) -> Event:
     Raises:
         _Invalid: with the rejection reason (module-internal; use :func:`decode_record`).
     """
+    if isinstance(obj, dict):
+        get: Callable[[str], Any] = obj.get
+        event_id, campaign_id, visitor_id, ts = (
+            get("event_id"),
+            get("campaign_id"),
+            get("visitor_id"),
+            get("ts"),
+        )
+        type_value = get("type")
+        event_type = _TYPES.get(type_value) if type_value.__class__ is str else None
+        channel = get("channel") or "unknown"
+        if (
+            event_type is not None
+            and _short_str(event_id)
+            and _short_str(campaign_id)
+            and _short_str(visitor_id)
+            and ts.__class__ is int
+            and 0 <= ts <= MAX_TS_MS
+            and channel.__class__ is str
+            and all(
+                (v := get(name)) is None or isinstance(v, kind)
+                for name, kind in _TYPED_FIELDS[event_type]
+            )
+        ):
+            participant = _participant(obj) if event_type is EventType.PARTICIPATION else None
+            return Event(
+                event_id, event_type, ts, campaign_id, visitor_id, channel, participant, obj
+            )
+    return _validate_fully(obj)
+
+
+def _validate_fully(obj: object) -> Event:
+    """:func:`validate`, field by field, raising the first problem found."""
     if not isinstance(obj, dict):
         raise _Invalid(Reason.NOT_AN_OBJECT, "event is not a JSON object")
     event_id = _required_id(obj, "event_id")

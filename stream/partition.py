@@ -13,6 +13,7 @@ nothing twice.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,11 @@ VISITS = "visits"
 BOUNCED = "bounced_visits"
 DURATION_MS = "visit_duration_ms"
 INTERACTIONS = "interactions"
+
+# Bucket sizes, finest first; each divides the next (distinct counts are rolled up from the finest).
+_BUCKETS_MS = sorted({spec.bucket_ms for spec in WINDOWS})
+_FINEST_MS, _COARSER_MS = _BUCKETS_MS[0], tuple(_BUCKETS_MS[1:])
+assert all(b % a == 0 for a, b in itertools.pairwise(_BUCKETS_MS)), "buckets must nest"
 
 # Kinds of distinct counts kept per campaign and window bucket.
 UNIQUE_VISITORS = "v"
@@ -167,6 +173,7 @@ class PartitionState:
         self.offset = offset
         self.watermark = watermark or Watermark()
         self.visits = VisitTracker(limits.gap_ms)
+        self._homes: dict[str, int] = {}  # visitor -> partition: murmur2 in Python is costly
 
     def apply(self, decoded: Sequence[Decoded], seen: set[str], now_s: float) -> Delta:
         """Apply a batch of this partition's records.
@@ -183,6 +190,7 @@ class PartitionState:
         delta = Delta(self.partition, self.offset, self.watermark)
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         batch_seen: set[str] = set()
+        processed = 0
         for d in decoded:
             record = d.record
             if record.offset <= self.offset:
@@ -204,8 +212,11 @@ class PartitionState:
                     delta.pipeline["duplicates"] += 1
                 else:
                     batch_seen.add(item.event_id)
+                    processed += 1
                     self._count(delta, item)
             self.offset = record.offset
+        if processed:
+            delta.pipeline["processed"] += processed
         if decoded:
             self.watermark.arrived(now_s)
         delta.seen = list(batch_seen)
@@ -221,9 +232,16 @@ class PartitionState:
         return self._finish(delta)
 
     def _is_home(self, event: Event, key: bytes | None) -> bool:
-        if key is not None and key == event.visitor_id.encode():
+        visitor = event.visitor_id
+        if key is not None and key == visitor.encode():
             return True  # keyed by its visitor: the producer's partitioner chose this partition
-        return partition_for(event.visitor_id, self.partitions) == self.partition
+        homes = self._homes
+        home = homes.get(visitor)
+        if home is None:
+            if len(homes) >= 100_000:
+                homes.clear()  # a bounded memo; visitors of a batch mostly repeat
+            home = homes[visitor] = partition_for(visitor, self.partitions)
+        return home == self.partition
 
     def _reject(self, delta: Delta, record: Record, rejection: Rejection) -> None:
         delta.dead_letters.append(DeadLetter(record, rejection))
@@ -231,7 +249,6 @@ class PartitionState:
 
     def _count(self, delta: Delta, event: Event) -> None:
         campaign = event.campaign_id
-        delta.pipeline["processed"] += 1
         delta.counters[campaign, EVENT_COUNTERS[event.type]] += 1
         self._unique(delta, campaign, UNIQUE_VISITORS, event.ts_ms, event.visitor_id)
         if event.type is EventType.PARTICIPATION:
@@ -250,14 +267,13 @@ class PartitionState:
 
     @staticmethod
     def _unique(delta: Delta, campaign: str, kind: str, ts_ms: int, member: str) -> None:
-        uniques = delta.uniques
-        for spec in WINDOWS:
-            key = (campaign, kind, spec.bucket_ms, bucket_start(ts_ms, spec.bucket_ms))
-            members = uniques.get(key)
-            if members is None:
-                uniques[key] = {member}
-            else:
-                members.add(member)
+        """Add to the finest bucket only; :meth:`_finish` fills the coarser ones from it."""
+        key = (campaign, kind, _FINEST_MS, ts_ms - ts_ms % _FINEST_MS)
+        members = delta.uniques.get(key)
+        if members is None:
+            delta.uniques[key] = {member}
+        else:
+            members.add(member)
 
     def _close(self, delta: Delta, watermark_ms: int) -> None:
         for closed in self.visits.close_until(watermark_ms):
@@ -281,6 +297,15 @@ class PartitionState:
             windows[spec.bucket_ms, start, campaign, DURATION_MS] += duration_ms
 
     def _finish(self, delta: Delta) -> Delta:
+        uniques = delta.uniques
+        for (campaign, kind, _, start), members in list(uniques.items()):
+            for bucket_ms in _COARSER_MS:  # set unions in C, not one add per event and bucket
+                key = (campaign, kind, bucket_ms, start - start % bucket_ms)
+                coarse = uniques.get(key)
+                if coarse is None:
+                    uniques[key] = set(members)
+                else:
+                    coarse |= members
         delta.offset = self.offset
         delta.watermark = replace(self.watermark)
         delta.visits = self.visits.take_dirty()
