@@ -50,6 +50,42 @@ from stream.watermark import Watermark
 from stream.windows import RETENTION_MS, WINDOWS, window_bucket_starts
 
 SEP = "\x1f"
+
+# Batches carry thousands of ids and members: redis-py encodes each command argument in Python,
+# so these scripts take them as ONE JSON argument and loop in Redis (cjson decodes in C).
+# ``unpack`` is chunked: Lua's stack holds a few thousand values at most.
+_SEEN_LUA = """
+local ids = cjson.decode(ARGV[1])
+local found = {}
+for i = 1, #ids do
+  if redis.call('ZSCORE', KEYS[1], ids[i]) then found[#found + 1] = i - 1 end
+end
+return found
+"""
+_REMEMBER_LUA = """
+local ids = cjson.decode(ARGV[1])
+local score = ARGV[2]
+for i = 1, #ids, 2000 do
+  local args = {}
+  for j = i, math.min(i + 1999, #ids) do
+    args[#args + 1] = score
+    args[#args + 1] = ids[j]
+  end
+  redis.call('ZADD', KEYS[1], unpack(args))
+end
+return #ids
+"""
+_PFADD_LUA = """
+local sets = cjson.decode(ARGV[1])
+for k = 1, #KEYS do
+  local members = sets[k]
+  for i = 1, #members, 2000 do
+    redis.call('PFADD', KEYS[k], unpack(members, i, math.min(i + 1999, #members)))
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[2])
+end
+return #KEYS
+"""
 _KINDS = (UNIQUE_VISITORS, UNIQUE_PARTICIPATING_VISITORS, UNIQUE_PARTICIPANTS)
 
 
@@ -70,6 +106,9 @@ class RedisStore:
         self.partitions = partitions
         self.prefix = prefix
         self.unique_ttl_s = unique_ttl_s
+        self._seen_script = redis.register_script(_SEEN_LUA)
+        self._remember_script = redis.register_script(_REMEMBER_LUA)
+        self._pfadd_script = redis.register_script(_PFADD_LUA)
 
     def key(self, partition: int, name: str) -> str:
         """A key of one partition's state."""
@@ -108,17 +147,25 @@ class RedisStore:
     async def seen(self, partition: int, event_ids: Sequence[str]) -> set[str]:
         if not event_ids:
             return set()
-        scores = await self.redis.zmscore(self.key(partition, "seen"), list(event_ids))
-        return {i for i, score in zip(event_ids, scores, strict=True) if score is not None}
+        found = await self._seen_script(
+            keys=[self.key(partition, "seen")], args=[orjson.dumps(list(event_ids))]
+        )
+        return {event_ids[i] for i in found}
 
     async def add_uniques(self, uniques: UniqueAdds) -> None:
         if not uniques:
             return
+        # One script call per campaign: its keys share the campaign's hash tag (one slot).
+        per_campaign: dict[str, tuple[list[str], list[list[str]]]] = {}
+        for (campaign, kind, bucket_ms, start_ms), members in uniques.items():
+            keys, sets = per_campaign.setdefault(campaign, ([], []))
+            keys.append(self.unique_key(campaign, kind, bucket_ms, start_ms))
+            sets.append(list(members))
         async with self.redis.pipeline(transaction=False) as pipe:
-            for (campaign, kind, bucket_ms, start_ms), members in uniques.items():
-                key = self.unique_key(campaign, kind, bucket_ms, start_ms)
-                pipe.pfadd(key, *members)
-                pipe.expire(key, self.unique_ttl_s)
+            for keys, sets in per_campaign.values():
+                await self._pfadd_script(
+                    keys=keys, args=[orjson.dumps(sets), self.unique_ttl_s], client=pipe
+                )
             await pipe.execute()
 
     async def commit(self, delta: Delta, expected_offset: int, dedup_retention_ms: int) -> bool:
@@ -134,7 +181,7 @@ class RedisStore:
                     return False
                 expired = await pipe.zrangebyscore(buckets_index, "-inf", f"({oldest_bucket_ms}")
                 pipe.multi()  # type: ignore[no-untyped-call]
-                self._write(pipe, delta, dedup_retention_ms)
+                await self._write(pipe, delta, dedup_retention_ms)
                 if expired:
                     pipe.delete(*expired)
                     pipe.zrem(buckets_index, *expired)
@@ -143,7 +190,7 @@ class RedisStore:
             return False
         return True
 
-    def _write(self, pipe: object, delta: Delta, dedup_retention_ms: int) -> None:
+    async def _write(self, pipe: object, delta: Delta, dedup_retention_ms: int) -> None:
         """Queue the writes of ``delta`` on a ``MULTI`` pipeline."""
         p = delta.partition
         wm = delta.watermark
@@ -184,7 +231,11 @@ class RedisStore:
             pipe.hdel(self.key(p, "open"), *deletes)  # type: ignore[attr-defined]
         seen = self.key(p, "seen")
         if delta.seen:
-            pipe.zadd(seen, dict.fromkeys(delta.seen, wm.watermark_ms))  # type: ignore[attr-defined]
+            await self._remember_script(  # queued on the MULTI pipeline: in the transaction
+                keys=[seen],
+                args=[orjson.dumps(delta.seen), wm.watermark_ms],
+                client=pipe,  # type: ignore[arg-type]
+            )
         horizon = wm.watermark_ms - dedup_retention_ms
         pipe.zremrangebyscore(seen, "-inf", f"({horizon}")  # type: ignore[attr-defined]
 
