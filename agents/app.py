@@ -8,6 +8,7 @@ keeps its own applied offset per partition, which is what makes replays harmless
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -86,15 +87,35 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         internal=False,
     )
 
-    @app.agent(topic, concurrency=1)
-    async def events(stream: Any) -> None:  # faust.Stream: noack_take is not in StreamT
-        async for batch in stream.noack_take(
-            settings.batch_max_records, within=settings.batch_within_ms / 1000
-        ):
-            records = [_record(event) for event in batch]
-            await processor.handle(records)
+    # Iterating the topic subscribes it, before the consumer starts (as an agent's stream would).
+    channel: Any = topic.__aiter__()
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def events() -> None:
+        """The consuming loop: batches straight off the topic's channel, acked once durable.
+
+        A Faust ``Stream`` (``@app.agent``) costs per record; this task takes the events the
+        conductor already decoded from the channel's queue in bulk, and acks their messages on
+        the consumer after the store commit, which is all the commit bookkeeping needs.
+        """
+        queue = channel.queue
+        loop = asyncio.get_running_loop()
+        max_records, within_s = settings.batch_max_records, settings.batch_within_ms / 1000
+        consumer = app.consumer
+        while True:
+            batch = [await queue.get()]
+            deadline = loop.time() + within_s
+            while len(batch) < max_records:
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await asyncio.sleep(min(remaining, 0.002))  # cheaper than a wait_for per record
+            await processor.handle([_record(event) for event in batch])
             for event in batch:
-                await stream.ack(event)
+                event.message.ack(consumer)
 
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def idle_advance() -> None:

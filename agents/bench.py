@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,7 @@ async def create_topics(bootstrap: str, names: list[str]) -> None:
 
 
 async def produce(
-    bootstrap: str, topic: str, records: list[tuple[bytes | None, int | None, bytes]]
+    bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, int | None, bytes]]
 ) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20, max_request_size=8 << 20
@@ -438,7 +438,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Run every measurement; returns the figures (also printed)."""
     sizes = QUICK if quick else Sizes()
     results: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        ),
         "events": sizes.events,
     }
     with (
@@ -531,7 +533,8 @@ def print_table(r: dict[str, Any]) -> None:
         (
             "memory per open visit",
             f"{r['memory']['bytes_per_open_visit']:,.0f} bytes",
-            f"worker {r['memory']['worker_bytes_per_visit']:,.0f} + Redis {r['memory']['redis_bytes_per_visit']:,.0f}"
+            f"worker {r['memory']['worker_bytes_per_visit']:,.0f}"
+            f" + Redis {r['memory']['redis_bytes_per_visit']:,.0f}"
             f" at {r['memory']['open_visits']:,} (target <= 300)",
         ),
         (

@@ -135,12 +135,15 @@ class BatchProcessor:
         by_partition: defaultdict[int, list[Record]] = defaultdict(list)
         for record in records:
             by_partition[record.partition].append(record)
-        for partition, part in by_partition.items():
-            part.sort(key=lambda r: r.offset)
-            self.metrics.batch_records.observe(len(part))
-            decoded = decode(part)
-            async with self._locks[partition]:
-                await self._until_durable(partition, self._applier(decoded), decoded)
+        # Partitions are independent: overlap one's store round trips with another's work.
+        await asyncio.gather(*(self._handle_partition(p, part) for p, part in by_partition.items()))
+
+    async def _handle_partition(self, partition: int, records: list[Record]) -> None:
+        records.sort(key=lambda r: r.offset)
+        self.metrics.batch_records.observe(len(records))
+        decoded = decode(records)
+        async with self._locks[partition]:
+            await self._until_durable(partition, self._applier(decoded), decoded)
 
     def _applier(
         self, decoded: Sequence[Decoded]
