@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 
 import orjson
@@ -38,12 +38,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from stream.kpis import KpiSnapshot
-from stream.partition import (
-    UNIQUE_PARTICIPANTS,
-    UNIQUE_PARTICIPATING_VISITORS,
-    UNIQUE_VISITORS,
-    Delta,
-)
+from stream.partition import UNIQUE_MARK, Delta
 from stream.store import PartitionSnapshot, UniqueAdds
 from stream.visits import Visit, VisitKey
 from stream.watermark import Watermark
@@ -86,7 +81,6 @@ for k = 1, #KEYS do
 end
 return #KEYS
 """
-_KINDS = (UNIQUE_VISITORS, UNIQUE_PARTICIPATING_VISITORS, UNIQUE_PARTICIPANTS)
 
 
 class RedisStore:
@@ -209,13 +203,18 @@ class RedisStore:
         pipeline = self.key(p, "pipe")
         for name, value in delta.pipeline.items():
             pipe.hincrby(pipeline, name, value)  # type: ignore[attr-defined]
-        buckets: dict[tuple[int, int], list[tuple[str, int]]] = defaultdict(list)
+        buckets: dict[tuple[int, int], list[tuple[str, int | None]]] = defaultdict(list)
         for (bucket_ms, start_ms, campaign, name), value in delta.windows.items():
-            buckets[bucket_ms, start_ms].append((f"{campaign}{SEP}{name}", value))
+            # A mark (see stream.partition.UNIQUE_MARK) is set, not summed: idempotent.
+            mark = name.startswith(UNIQUE_MARK)
+            buckets[bucket_ms, start_ms].append((f"{campaign}{SEP}{name}", None if mark else value))
         for (bucket_ms, start_ms), fields in buckets.items():
             key = self.key(p, f"w:{bucket_ms}:{start_ms}")
             for name, value in fields:
-                pipe.hincrby(key, name, value)  # type: ignore[attr-defined]
+                if value is None:
+                    pipe.hset(key, name, 1)  # type: ignore[attr-defined]
+                else:
+                    pipe.hincrby(key, name, value)  # type: ignore[attr-defined]
             pipe.zadd(self.key(p, "wb"), {key: start_ms})  # type: ignore[attr-defined]
         upserts = {
             orjson.dumps(list(key)): orjson.dumps([v.pack() for v in visits])
@@ -264,32 +263,34 @@ class RedisStore:
         return snap
 
     async def _read_windows(self, snap: KpiSnapshot) -> None:
-        campaigns = sorted(snap.counters)
-        plan: list[tuple[str, str | None, str | None]] = []  # (window, campaign, kind) per reply
+        # 1. The window buckets' sums over all partitions; their ``u:<kind>`` marks tell which
+        #    distinct-count buckets exist, so that step 2 counts only those.
+        plan: list[tuple[str, int]] = []
         async with self.redis.pipeline(transaction=False) as pipe:
             for spec in WINDOWS:
-                starts = window_bucket_starts(snap.newest_event_ms, spec)
-                for p in range(self.partitions):
-                    for start in starts:
+                for start in window_bucket_starts(snap.newest_event_ms, spec):
+                    for p in range(self.partitions):
                         pipe.hgetall(self.key(p, f"w:{spec.bucket_ms}:{start}"))
-                        plan.append((spec.label, None, None))
-                for campaign in campaigns:
-                    for kind in _KINDS:
-                        keys = [self.unique_key(campaign, kind, spec.bucket_ms, s) for s in starts]
-                        pipe.pfcount(*keys)
-                        plan.append((spec.label, campaign, kind))
+                        plan.append((spec.label, start))
             replies = await pipe.execute()
-        for name in campaigns:
+        for campaign in snap.counters:
             for spec in WINDOWS:
-                snap.window(name, spec.label)
-        for (label, owner, unique), reply in zip(plan, replies, strict=True):
-            if owner is None:
-                sums: Counter[tuple[str, str]] = Counter()
-                for field, value in reply.items():
-                    c, counter = field.decode().rsplit(SEP, 1)
-                    sums[c, counter] += int(value)
-                for (c, counter), total in sums.items():
-                    snap.window(c, label).sums[counter] += total
-            else:
-                assert unique is not None
-                snap.window(owner, label).uniques[unique] = int(reply)
+                snap.window(campaign, spec.label)
+        marked: dict[tuple[str, str, str], set[int]] = defaultdict(set)  # (campaign, window, kind)
+        for (label, start), reply in zip(plan, replies, strict=True):
+            for field, value in reply.items():
+                campaign, name = field.decode().rsplit(SEP, 1)
+                if name.startswith(UNIQUE_MARK):
+                    marked[campaign, label, name[len(UNIQUE_MARK) :]].add(start)
+                else:
+                    snap.window(campaign, label).sums[name] += int(value)
+        # 2. One PFCOUNT per (campaign, window, kind) with data: the union of its buckets.
+        bucket_ms = {spec.label: spec.bucket_ms for spec in WINDOWS}
+        counted = list(marked.items())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (campaign, label, kind), starts in counted:
+                size = bucket_ms[label]
+                pipe.pfcount(*(self.unique_key(campaign, kind, size, s) for s in sorted(starts)))
+            counts = await pipe.execute()
+        for ((campaign, label, kind), _), count in zip(counted, counts, strict=True):
+            snap.window(campaign, label).uniques[kind] = int(count)

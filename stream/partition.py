@@ -44,6 +44,9 @@ _BUCKETS_MS = sorted({spec.bucket_ms for spec in WINDOWS})
 _FINEST_MS, _COARSER_MS = _BUCKETS_MS[0], tuple(_BUCKETS_MS[1:])
 assert all(b % a == 0 for a, b in itertools.pairwise(_BUCKETS_MS)), "buckets must nest"
 
+# Window-bucket field ``u:<kind>``: the bucket has distinct-count data of that kind (not a sum).
+UNIQUE_MARK = "u:"
+
 # Kinds of distinct counts kept per campaign and window bucket.
 UNIQUE_VISITORS = "v"
 UNIQUE_PARTICIPATING_VISITORS = "pv"
@@ -306,6 +309,9 @@ class PartitionState:
                     uniques[key] = set(members)
                 else:
                     coarse |= members
+        for campaign, kind, bucket_ms, start in uniques:
+            # Marks which distinct-count buckets hold data (readers count only those).
+            delta.windows[bucket_ms, start, campaign, UNIQUE_MARK + kind] = 1
         delta.offset = self.offset
         delta.watermark = replace(self.watermark)
         delta.visits = self.visits.take_dirty()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from stream.kpis import KpiSnapshot
-from stream.partition import Delta
+from stream.partition import UNIQUE_MARK, Delta
 from stream.visits import Visit, VisitKey
 from stream.watermark import Watermark
 from stream.windows import RETENTION_MS, WINDOWS, window_bucket_starts
@@ -115,7 +115,11 @@ class MemoryStore:
         self.counters.setdefault(p, Counter()).update(delta.counters)
         self.pipeline.setdefault(p, Counter()).update(delta.pipeline)
         windows = self.windows.setdefault(p, Counter())
-        windows.update(delta.windows)
+        for bucket, value in delta.windows.items():
+            if bucket[3].startswith(UNIQUE_MARK):
+                windows[bucket] = 1  # a mark, not a sum: idempotent
+            else:
+                windows[bucket] += value
         oldest = delta.watermark.newest_event_ms - RETENTION_MS
         for bucket in [b for b in windows if b[1] < oldest]:
             del windows[bucket]
@@ -150,7 +154,8 @@ class MemoryStore:
                 data = snap.window(campaign, spec.label)
                 for windows in self.windows.values():
                     for (bucket_ms, start, c, name), value in windows.items():
-                        if c == campaign and bucket_ms == spec.bucket_ms and start in starts:
+                        in_window = bucket_ms == spec.bucket_ms and start in starts
+                        if c == campaign and in_window and not name.startswith(UNIQUE_MARK):
                             data.sums[name] += value
                 kinds: dict[str, set[str]] = {}
                 for (c, kind, bucket_ms, start), members in self.uniques.items():
