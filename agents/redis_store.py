@@ -210,11 +210,11 @@ class RedisStore:
             buckets[bucket_ms, start_ms].append((f"{campaign}{SEP}{name}", None if mark else value))
         for (bucket_ms, start_ms), fields in buckets.items():
             key = self.key(p, f"w:{bucket_ms}:{start_ms}")
-            for name, value in fields:
-                if value is None:
-                    pipe.hset(key, name, 1)  # type: ignore[attr-defined]
+            for field, increment in fields:
+                if increment is None:
+                    pipe.hset(key, field, 1)  # type: ignore[attr-defined]
                 else:
-                    pipe.hincrby(key, name, value)  # type: ignore[attr-defined]
+                    pipe.hincrby(key, field, increment)  # type: ignore[attr-defined]
             pipe.zadd(self.key(p, "wb"), {key: start_ms})  # type: ignore[attr-defined]
         upserts = {
             orjson.dumps(list(key)): orjson.dumps([v.pack() for v in visits])
