@@ -101,13 +101,17 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         queue = channel.queue
         loop = asyncio.get_running_loop()
         max_records, within_s = settings.batch_max_records, settings.batch_within_ms / 1000
+        max_bytes = settings.batch_max_bytes
         consumer = app.consumer
         while True:
             batch = [await queue.get()]
+            size = len(batch[0].message.value or b"")
             deadline = loop.time() + within_s
-            while len(batch) < max_records:
+            while len(batch) < max_records and size < max_bytes:  # bounded memory per batch
                 if not queue.empty():
-                    batch.append(queue.get_nowait())
+                    event = queue.get_nowait()
+                    batch.append(event)
+                    size += len(event.message.value or b"")
                     continue
                 remaining = deadline - loop.time()
                 if remaining <= 0:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the /metrics web server")
     batch_max_records: int = Field(2000, ge=1, description="Records handled per batch at most")
     batch_within_ms: int = Field(50, ge=1, description="Longest wait to fill a batch")
+    batch_max_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Record bytes per batch at most (bounds memory)"
+    )
     broker_session_timeout_seconds: float = Field(
         10.0, gt=0, description="Kafka consumer-group session timeout"
     )
