@@ -143,20 +143,13 @@ class BatchProcessor:
         self.metrics.batch_records.observe(len(records))
         decoded = decode(records)
         async with self._locks[partition]:
-            await self._until_durable(partition, self._applier(decoded), decoded)
-
-    def _applier(
-        self, decoded: Sequence[Decoded]
-    ) -> Callable[[PartitionState, set[str]], Delta | None]:
-        return lambda state, seen: state.apply(decoded, seen, self.clock())
+            await self._until_durable(partition, decoded)
 
     async def advance_idle(self) -> None:
         """Let quiet assigned partitions' watermarks follow the clock, closing their visits."""
         for partition in sorted(self.assigned):
             async with self._locks[partition]:
-                await self._until_durable(
-                    partition, lambda s, _seen: s.idle_advance(self.clock()), ()
-                )
+                await self._until_durable(partition, None)
 
     async def check_store(self) -> None:
         """Check the store's identity marker now (the timer calls this: detection when idle)."""
@@ -226,38 +219,47 @@ class BatchProcessor:
                 self.identity_key,
                 offset=stored.offset,
                 watermark=stored.watermark,
+                open_visits=stored.open_visits,
             )
             state.watermark.arrived(self.clock())
-            for key, visits in stored.visits.items():
-                state.visits.load(key, visits)
             self.states[partition] = state
         return state
 
-    async def _until_durable(
-        self,
-        partition: int,
-        step: Callable[[PartitionState, set[str]], Delta | None],
-        decoded: Sequence[Decoded],
-    ) -> None:
-        ids = candidate_ids(decoded)
+    async def _until_durable(self, partition: int, decoded: Sequence[Decoded] | None) -> None:
+        """Apply ``decoded`` (or, for ``None``, an idle advance) until it is durable."""
+        ids = candidate_ids(decoded) if decoded else []
         backoff_s = 0.1
         while True:
             started = time.perf_counter()
             try:
                 state = await self._state(partition)
                 expected = state.offset
-                seen = await self.store.seen(partition, ids) if ids else set()
+                now = self.clock()
+                needs = (
+                    state.idle_needs(now) if decoded is None else state.visit_needs(decoded, now)
+                )
+                if needs is None:
+                    return  # idle, and the watermark would not move
+                # Only the open visits this step touches or may close come into memory.
+                seen, visits = await asyncio.gather(
+                    self.store.seen(partition, ids), self.store.visits(partition, needs)
+                )
+                state.load_visits(visits)
                 try:
-                    delta = step(state, seen)
+                    if decoded is None:
+                        delta = state.idle_advance(now)
+                    else:
+                        delta = state.apply(decoded, seen, now)
                 except Exception:
                     log.exception("partition %d: processing failed; dead-lettering", partition)
                     self.states.pop(partition, None)
-                    delta = _dead_letter_all(partition, decoded, await self._state(partition))
+                    delta = _dead_letter_all(partition, decoded or (), await self._state(partition))
                 if delta is None:
                     return
                 await self.publisher.publish(delta)
                 await self.store.add_uniques(delta.uniques)
                 if await self.store.commit(delta, expected, self.dedup_retention_ms):
+                    state.evict_visits()  # they are in the store; memory stays O(batch)
                     self.metrics.flush_seconds.observe(time.perf_counter() - started)
                     return
                 self.metrics.fence_lost.inc()
@@ -289,5 +291,5 @@ def _dead_letter_all(partition: int, decoded: Sequence[Decoded], state: Partitio
         delta.dead_letters.append(DeadLetter(d.record, rejection))
         delta.pipeline[f"rejected:{Reason.PROCESSING_ERROR.value}"] += 1
         delta.offset = state.offset = d.record.offset
-    delta.open_visits = len(state.visits)
+    delta.open_visits = state.open_visits
     return delta

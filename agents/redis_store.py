@@ -8,7 +8,8 @@ key                                    holds                                    
 ``kpi:{pP}:meta``                      applied offset, watermark, newest event time     hash
 ``kpi:{pP}:cnt``                       ``C\\x1f<counter>`` -> total                      hash
 ``kpi:{pP}:pipe``                      pipeline counters                                hash
-``kpi:{pP}:open``                      ``[C, visitor]`` -> open visits                  hash
+``kpi:{pP}:open``                      visit key -> its open visits (compact text)      hash
+``kpi:{pP}:due``                       visit keys by earliest last event time           zset
 ``kpi:{pP}:w:<bucket_ms>:<start_ms>``  ``C\\x1f<field>`` -> closed-visit sums            hash
 ``kpi:{pP}:wb``                        window bucket keys by start (for purging)        zset
 ``kpi:{pP}:seen``                      counted event ids, scored by watermark           zset
@@ -38,9 +39,9 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from stream.kpis import KpiSnapshot
-from stream.partition import UNIQUE_MARK, Delta
+from stream.partition import UNIQUE_MARK, Delta, VisitNeeds
 from stream.store import PartitionSnapshot, UniqueAdds
-from stream.visits import Visit, VisitKey
+from stream.visits import Visit, VisitKey, decode_key, decode_visits, encode_key, encode_visits
 from stream.watermark import Watermark
 from stream.windows import RETENTION_MS, WINDOWS, window_bucket_starts
 
@@ -69,6 +70,39 @@ for i = 1, #ids, 2000 do
   redis.call('ZADD', KEYS[1], unpack(args))
 end
 return #ids
+"""
+# Open visits: ``open`` maps a visit key to its visits, ``due`` indexes keys by their earliest
+# last event time, so a step fetches the keys it touches plus those that may close.
+_VISITS_LUA = """
+local fields = cjson.decode(ARGV[1])
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
+local taken, out = {}, {}
+local function take(f)
+  if not taken[f] then
+    taken[f] = true
+    local v = redis.call('HGET', KEYS[1], f)
+    if v then
+      out[#out + 1] = f
+      out[#out + 1] = v
+    end
+  end
+end
+for i = 1, #fields do take(fields[i]) end
+for i = 1, #due do take(due[i]) end
+return out
+"""
+_WRITE_VISITS_LUA = """
+local up = cjson.decode(ARGV[1])
+for i = 1, #up do
+  redis.call('HSET', KEYS[1], up[i][1], up[i][2])
+  redis.call('ZADD', KEYS[2], up[i][3], up[i][1])
+end
+local gone = cjson.decode(ARGV[2])
+for i = 1, #gone do
+  redis.call('HDEL', KEYS[1], gone[i])
+  redis.call('ZREM', KEYS[2], gone[i])
+end
+return #up
 """
 _PFADD_LUA = """
 local sets = cjson.decode(ARGV[1])
@@ -103,6 +137,8 @@ class RedisStore:
         self._seen_script = redis.register_script(_SEEN_LUA)
         self._remember_script = redis.register_script(_REMEMBER_LUA)
         self._pfadd_script = redis.register_script(_PFADD_LUA)
+        self._visits_script = redis.register_script(_VISITS_LUA)
+        self._write_visits_script = redis.register_script(_WRITE_VISITS_LUA)
 
     def key(self, partition: int, name: str) -> str:
         """A key of one partition's state."""
@@ -121,10 +157,7 @@ class RedisStore:
         return value.decode() if isinstance(value, bytes) else value
 
     async def load(self, partition: int) -> PartitionSnapshot:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.key(partition, "meta"))
-            pipe.hgetall(self.key(partition, "open"))
-            meta, open_visits = await pipe.execute()
+        meta = await self.redis.hgetall(self.key(partition, "meta"))
         if not meta:
             return PartitionSnapshot()
         watermark = Watermark(
@@ -132,11 +165,19 @@ class RedisStore:
             newest_event_ms=int(meta[b"newest_event_ms"]),
             anchor_ms=int(meta[b"watermark_ms"]),
         )
-        visits: dict[VisitKey, list[Visit]] = {}
-        for field, packed in open_visits.items():
-            campaign, visitor = orjson.loads(field)
-            visits[campaign, visitor] = [Visit.unpack(v) for v in orjson.loads(packed)]
-        return PartitionSnapshot(int(meta[b"offset"]), watermark, visits)
+        open_visits = int(meta.get(b"open_visits", 0))
+        return PartitionSnapshot(int(meta[b"offset"]), watermark, {}, open_visits)
+
+    async def visits(self, partition: int, needs: VisitNeeds) -> dict[VisitKey, list[Visit]]:
+        fields = orjson.dumps(sorted({encode_key(k) for k in needs.keys}))
+        flat = await self._visits_script(
+            keys=[self.key(partition, "open"), self.key(partition, "due")],
+            args=[fields, needs.last_before_ms],
+        )
+        return {
+            decode_key(flat[i].decode()): decode_visits(flat[i + 1].decode())
+            for i in range(0, len(flat), 2)
+        }
 
     async def seen(self, partition: int, event_ids: Sequence[str]) -> set[str]:
         if not event_ids:
@@ -216,18 +257,20 @@ class RedisStore:
                 else:
                     pipe.hincrby(key, field, increment)  # type: ignore[attr-defined]
             pipe.zadd(self.key(p, "wb"), {key: start_ms})  # type: ignore[attr-defined]
-        upserts = {
-            orjson.dumps(list(key)): orjson.dumps([v.pack() for v in visits])
-            for key, visits in delta.visits.items()
-            if visits is not None
-        }
-        deletes = [
-            orjson.dumps(list(key)) for key, visits in delta.visits.items() if visits is None
-        ]
-        if upserts:
-            pipe.hset(self.key(p, "open"), mapping=upserts)  # type: ignore[attr-defined]
-        if deletes:
-            pipe.hdel(self.key(p, "open"), *deletes)  # type: ignore[attr-defined]
+        if delta.visits:
+            upserts, gone = [], []
+            for visit_key, visits in delta.visits.items():
+                field = encode_key(visit_key)
+                if visits is None:
+                    gone.append(field)
+                else:
+                    earliest_last = str(min(v.last_ms for v in visits))
+                    upserts.append((field, encode_visits(visits), earliest_last))
+            await self._write_visits_script(  # queued on the MULTI pipeline: in the transaction
+                keys=[self.key(p, "open"), self.key(p, "due")],
+                args=[orjson.dumps(upserts), orjson.dumps(gone)],
+                client=pipe,  # type: ignore[arg-type]
+            )
         seen = self.key(p, "seen")
         if delta.seen:
             await self._remember_script(  # queued on the MULTI pipeline: in the transaction

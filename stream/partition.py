@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -139,6 +139,15 @@ def candidate_ids(decoded: Sequence[Decoded]) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
+class VisitNeeds:
+    """The open visits a step needs from the store: those of ``keys``, and every visit whose
+    last event time is before ``last_before_ms`` (it may close in this step)."""
+
+    keys: list[VisitKey]
+    last_before_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """The time rules of the contract, in milliseconds."""
 
@@ -158,6 +167,11 @@ class PartitionState:
         identity_key: HMAC key for participant identities.
         offset: Last offset already applied (``-1``: none).
         watermark: The partition's watermark as stored.
+        open_visits: Open visits of the partition, as stored.
+
+    Open visits need not all be in memory: before a step, the worker loads the ones the step
+    needs (:meth:`visit_needs`, :meth:`load_visits`) and may evict them after its commit
+    (:meth:`evict_visits`), so that memory does not grow with the number of open visits.
     """
 
     def __init__(
@@ -168,6 +182,7 @@ class PartitionState:
         identity_key: bytes,
         offset: int = -1,
         watermark: Watermark | None = None,
+        open_visits: int = 0,
     ) -> None:
         self.partition = partition
         self.partitions = partitions
@@ -176,7 +191,39 @@ class PartitionState:
         self.offset = offset
         self.watermark = watermark or Watermark()
         self.visits = VisitTracker(limits.gap_ms)
+        self.open_visits = open_visits
         self._homes: dict[str, int] = {}  # visitor -> partition: murmur2 in Python is costly
+
+    def visit_needs(self, decoded: Sequence[Decoded], now_s: float) -> VisitNeeds:
+        """The open visits :meth:`apply` may touch or close for this batch."""
+        future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
+        bound = self.watermark.watermark_ms
+        keys = []
+        for d in decoded:
+            if d.record.offset <= self.offset:
+                continue
+            for item in d.items:
+                if isinstance(item, Event) and item.ts_ms <= future_limit_ms:
+                    keys.append((item.campaign_id, item.visitor_id))
+                    if item.ts_ms > bound:
+                        bound = item.ts_ms
+        return VisitNeeds(keys, bound - self.limits.gap_ms)
+
+    def idle_needs(self, now_s: float) -> VisitNeeds | None:
+        """The open visits :meth:`idle_advance` may close now; ``None``: it would do nothing."""
+        target = self.watermark.idle_target(now_s, self.limits.idle_advance_s)
+        return None if target is None else VisitNeeds([], target - self.limits.gap_ms)
+
+    def load_visits(self, visits: Mapping[VisitKey, list[Visit]]) -> None:
+        """Bring open visits from the store into memory (keys already here are kept as they are)."""
+        tracker = self.visits
+        for key, found in visits.items():
+            if key not in tracker:
+                tracker.load(key, found)
+
+    def evict_visits(self) -> None:
+        """Forget the open visits held in memory (they are in the store: call after a commit)."""
+        self.visits = VisitTracker(self.limits.gap_ms)
 
     def apply(self, decoded: Sequence[Decoded], seen: set[str], now_s: float) -> Delta:
         """Apply a batch of this partition's records.
@@ -191,6 +238,7 @@ class PartitionState:
             the delta, this state must be discarded and loaded again.
         """
         delta = Delta(self.partition, self.offset, self.watermark)
+        held = len(self.visits)
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         batch_seen: set[str] = set()
         processed = 0
@@ -224,15 +272,16 @@ class PartitionState:
             self.watermark.arrived(now_s)
         delta.seen = list(batch_seen)
         self._close(delta, self.watermark.watermark_ms)
-        return self._finish(delta)
+        return self._finish(delta, held)
 
     def idle_advance(self, now_s: float) -> Delta | None:
         """Move the watermark with the wall clock when idle; the delta of visits it closes."""
+        held = len(self.visits)
         if not self.watermark.idle_advance(now_s, self.limits.idle_advance_s):
             return None
         delta = Delta(self.partition, self.offset, self.watermark)
         self._close(delta, self.watermark.watermark_ms)
-        return self._finish(delta)
+        return self._finish(delta, held)
 
     def _is_home(self, event: Event, key: bytes | None) -> bool:
         visitor = event.visitor_id
@@ -299,7 +348,7 @@ class PartitionState:
             windows[spec.bucket_ms, start, campaign, INTERACTIONS] += visit.interactions
             windows[spec.bucket_ms, start, campaign, DURATION_MS] += duration_ms
 
-    def _finish(self, delta: Delta) -> Delta:
+    def _finish(self, delta: Delta, held: int) -> Delta:
         uniques = delta.uniques
         for (campaign, kind, _, start), members in list(uniques.items()):
             for bucket_ms in _COARSER_MS:  # set unions in C, not one add per event and bucket
@@ -315,5 +364,6 @@ class PartitionState:
         delta.offset = self.offset
         delta.watermark = replace(self.watermark)
         delta.visits = self.visits.take_dirty()
-        delta.open_visits = len(self.visits)
+        self.open_visits += len(self.visits) - held  # opened minus closed in this step
+        delta.open_visits = self.open_visits
         return delta

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from stream.kpis import KpiSnapshot
-from stream.partition import UNIQUE_MARK, Delta
+from stream.partition import UNIQUE_MARK, Delta, VisitNeeds
 from stream.visits import Visit, VisitKey
 from stream.watermark import Watermark
 from stream.windows import RETENTION_MS, WINDOWS, window_bucket_starts
@@ -30,11 +30,16 @@ UniqueAdds = Mapping[tuple[str, str, int, int], set[str]]
 
 @dataclass(slots=True)
 class PartitionSnapshot:
-    """A partition's state as stored: applied offset, watermark, open visits."""
+    """A partition's state as stored: applied offset, watermark, open visits.
+
+    ``visits`` holds every open visit only where a store keeps them at hand (the in-memory one);
+    workers fetch the ones a step needs with :meth:`Store.visits`. ``open_visits`` counts them.
+    """
 
     offset: int = -1
     watermark: Watermark = field(default_factory=Watermark)
     visits: dict[VisitKey, list[Visit]] = field(default_factory=dict)
+    open_visits: int = 0
 
 
 class Store(Protocol):
@@ -46,6 +51,11 @@ class Store(Protocol):
 
     async def seen(self, partition: int, event_ids: Sequence[str]) -> set[str]:
         """Which of ``event_ids`` the partition has already counted."""
+        ...
+
+    async def visits(self, partition: int, needs: VisitNeeds) -> dict[VisitKey, list[Visit]]:
+        """The open visits of ``needs.keys``, and those whose last event is before
+        ``needs.last_before_ms`` (for any key)."""
         ...
 
     async def add_uniques(self, uniques: UniqueAdds) -> None:
@@ -90,7 +100,17 @@ class MemoryStore:
     async def load(self, partition: int) -> PartitionSnapshot:
         stored = self.partitions.get(partition, PartitionSnapshot())
         visits = {k: [replace(v) for v in vs] for k, vs in stored.visits.items()}
-        return PartitionSnapshot(stored.offset, replace(stored.watermark), visits)
+        open_visits = self.open_visits.get(partition, 0)
+        return PartitionSnapshot(stored.offset, replace(stored.watermark), visits, open_visits)
+
+    async def visits(self, partition: int, needs: VisitNeeds) -> dict[VisitKey, list[Visit]]:
+        stored = self.partitions.get(partition, PartitionSnapshot()).visits
+        wanted = set(needs.keys)
+        return {
+            key: [replace(v) for v in visits]
+            for key, visits in stored.items()
+            if key in wanted or min(v.last_ms for v in visits) < needs.last_before_ms
+        }
 
     async def seen(self, partition: int, event_ids: Sequence[str]) -> set[str]:
         known = self.seen_ids.get(partition, {})

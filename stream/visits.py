@@ -55,6 +55,36 @@ class Visit:
         return cls(*data)
 
 
+def encode_key(key: VisitKey) -> str:
+    """A visit key as one store field: ``<len(campaign)>:<campaign><visitor>`` (unambiguous)."""
+    campaign, visitor = key
+    return f"{len(campaign)}:{campaign}{visitor}"
+
+
+def decode_key(field: str) -> VisitKey:
+    """Inverse of :func:`encode_key`."""
+    size, _, rest = field.partition(":")
+    n = int(size)
+    return rest[:n], rest[n:]
+
+
+def encode_visits(visits: list[Visit]) -> str:
+    """Open visits as compact text: ``first,duration,page_views,interactions,events;...``."""
+    return ";".join(
+        f"{v.first_ms},{v.last_ms - v.first_ms},{v.page_views},{v.interactions},{v.events}"
+        for v in visits
+    )
+
+
+def decode_visits(text: str) -> list[Visit]:
+    """Inverse of :func:`encode_visits`."""
+    visits = []
+    for part in text.split(";"):
+        first, duration, page_views, interactions, events = map(int, part.split(","))
+        visits.append(Visit(first, first + duration, page_views, interactions, events))
+    return visits
+
+
 @dataclass(frozen=True, slots=True)
 class ClosedVisit:
     """A visit that closed, with its campaign."""
@@ -85,8 +115,12 @@ class VisitTracker:
         """The open visits of ``key`` (oldest first), ``None`` when it has none."""
         return self._open.get(key)
 
+    def __contains__(self, key: VisitKey) -> bool:
+        """Whether ``key`` has open visits here."""
+        return key in self._open
+
     def load(self, key: VisitKey, visits: list[Visit]) -> None:
-        """Restore the open visits of ``key`` from the store."""
+        """Restore the open visits of ``key`` from the store (``key`` must not be here yet)."""
         self._open[key] = sorted(visits, key=lambda v: v.first_ms)
         self._count += len(visits)
         for visit in visits:

@@ -42,13 +42,18 @@ class Watermark:
         """Whether an event is older than the watermark minus the allowed lateness."""
         return self.watermark_ms >= 0 and ts_ms < self.watermark_ms - lateness_ms
 
-    def idle_advance(self, now_s: float, idle_s: float) -> bool:
-        """Advance with the wall clock when idle for ``idle_s``; whether it moved."""
+    def idle_target(self, now_s: float, idle_s: float) -> int | None:
+        """Where idle advance would move the watermark now; ``None`` when it would not move."""
         idle_for_s = now_s - self.anchor_wall_s
         if self.anchor_ms < 0 or idle_for_s < idle_s:
-            return False
+            return None
         advanced = self.anchor_ms + int(idle_for_s * 1000)
-        if advanced <= self.watermark_ms:
+        return advanced if advanced > self.watermark_ms else None
+
+    def idle_advance(self, now_s: float, idle_s: float) -> bool:
+        """Advance with the wall clock when idle for ``idle_s``; whether it moved."""
+        target = self.idle_target(now_s, idle_s)
+        if target is None:
             return False
-        self.watermark_ms = advanced
+        self.watermark_ms = target
         return True

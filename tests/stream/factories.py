@@ -78,10 +78,15 @@ async def load_state(
     """A partition's state as a worker builds it from the store."""
     snap = await store.load(partition)
     state = PartitionState(
-        partition, partitions, limits or Limits(), KEY, snap.offset, snap.watermark
+        partition,
+        partitions,
+        limits or Limits(),
+        KEY,
+        snap.offset,
+        snap.watermark,
+        snap.open_visits,
     )
-    for key, visits in snap.visits.items():
-        state.visits.load(key, visits)
+    state.load_visits(snap.visits)
     return state
 
 

@@ -586,3 +586,41 @@ def test_order_independence_inside_the_allowed_lateness(
     for name in ("counters", "pipeline", "windows", "buckets", "uniques", "seen", "watermarks"):
         assert a[name] == b[name], name
     assert a["open_visits"] == b["open_visits"] == 0
+
+
+async def run_working_set(batches: list[list[Record]], partitions: int) -> MemoryStore:
+    """The worker's way: one state kept, but only the visits a step needs in memory."""
+    store = MemoryStore()
+    state = await load_state(store, 0, partitions, SMALL)
+    state.evict_visits()  # start from the store alone
+    for batch in [b for b in batches if b]:
+        decoded = decode(batch)
+        needs = state.visit_needs(decoded, SPLIT_NOW_S)
+        state.load_visits(await store.visits(0, needs))
+        seen = await store.seen(0, candidate_ids(decoded))
+        expected = state.offset
+        delta = state.apply(decoded, seen, SPLIT_NOW_S)
+        await store.add_uniques(delta.uniques)
+        assert await store.commit(delta, expected, 86_400_000)
+        state.evict_visits()
+    idle = state.idle_needs(SPLIT_NOW_S + 3600)
+    if idle is not None:
+        state.load_visits(await store.visits(0, idle))
+        delta = state.idle_advance(SPLIT_NOW_S + 3600)
+        assert delta is not None
+        assert await store.commit(delta, state.offset, 86_400_000)
+    return store
+
+
+@given(records_st(), st.data(), st.sampled_from([1, 2]))
+@settings(max_examples=150, deadline=None)
+def test_working_set_equals_everything_in_memory(
+    records: list[Record], data: st.DataObject, partitions: int
+) -> None:
+    # Evicting visits after every commit and fetching back only the ones a step touches or may
+    # close gives exactly the KPIs of keeping every open visit in memory.
+    cuts = data.draw(st.sets(st.integers(1, max(1, len(records) - 1))), label="cuts")
+    batches = split(records, cuts)
+    in_memory = run(run_batches(batches, [False] * len(batches), partitions))
+    working_set = run(run_working_set(batches, partitions))
+    assert run(totals(working_set)) == run(totals(in_memory))
