@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.embedded import EmbeddedBroker, EmbeddedRedis
+from agents.embedded import EmbeddedRedis
+from tests.chaos.proxy import ProxiedBroker
 
 
 @pytest.fixture
@@ -26,9 +27,9 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 
 
 @pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    """A broker of this test only, to pause and resume."""
-    server = EmbeddedBroker(log_path=tmp_path / "broker.log")
+def own_broker(tmp_path: Path) -> Iterator[ProxiedBroker]:
+    """A broker of this test only, behind a proxy: to freeze, or to cut off, and bring back."""
+    server = ProxiedBroker(log_path=tmp_path / "broker.log")
     server.start()
     try:
         yield server

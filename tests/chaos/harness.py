@@ -236,6 +236,7 @@ async def publish(
         linger_ms=5,
         max_request_size=16 * 1024 * 1024,
         request_timeout_ms=120_000,  # survives a paused broker
+        client_id="chaos-traffic",  # tests.chaos.proxy.TRAFFIC_CLIENT: never refused
     )
     await producer.start()
     try:
