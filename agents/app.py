@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from typing import Any
 
 import faust
@@ -29,6 +31,40 @@ log = logging.getLogger(__name__)
 # aiohttp takes the charset apart from the content type; the text is UTF-8 (its default).
 _CONTENT_TYPE = CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4"
 
+# A stopping worker exits by this time whatever it is waiting for (see _App.on_stop).
+SHUTDOWN_GRACE_S = 8.0
+
+
+class _App(faust.App):
+    """Faust's app, with a shutdown that cannot hang.
+
+    Faust's own shutdown can wait for the broker without bound: with the broker unreachable its
+    consumer thread fails while stopping and the worker never exits. Exiting abruptly instead is
+    safe here: records are acknowledged only once their effects are durable, so a cut-short
+    shutdown is exactly a SIGKILL, which replays the unacknowledged records and nothing else.
+    """
+
+    async def on_stop(self) -> None:
+        _exit_after(SHUTDOWN_GRACE_S)
+        await super().on_stop()
+
+
+def _exit_after(grace_s: float) -> None:
+    """End the process in ``grace_s`` seconds unless it has exited by then."""
+
+    def expire() -> None:
+        log.error(
+            "shutdown not finished after %.0f s (broker or store not answering): exiting now; "
+            "unacknowledged records are replayed by the next worker",
+            grace_s,
+        )
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(grace_s, expire)
+    timer.daemon = True  # never keeps a process alive that exited in time
+    timer.start()
+
 
 def create_app(settings: Settings, partitions: int) -> faust.App:
     """Build the worker's Faust app.
@@ -37,7 +73,7 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         settings: The worker's settings.
         partitions: Partitions of the events topic (see :func:`agents.kafka.ensure_topics`).
     """
-    app = faust.App(
+    app = _App(
         settings.group_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         value_serializer="raw",

@@ -68,6 +68,10 @@ def dlq_headers(delta: Delta, topic: str, index: int) -> list[tuple[str, bytes]]
     return headers
 
 
+class PublisherStoppedError(Exception):
+    """The publisher was stopped (the worker is shutting down): nothing more is sent."""
+
+
 class Publisher:
     """Publishes a delta's dead letters and re-keyed events, and waits until Kafka has them."""
 
@@ -75,9 +79,12 @@ class Publisher:
         self.settings = settings
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
+        self._stopped = False
 
     async def _started(self) -> AIOKafkaProducer:
         async with self._lock:
+            if self._stopped:
+                raise PublisherStoppedError("the worker is shutting down")
             if self._producer is None:
                 producer = AIOKafkaProducer(
                     bootstrap_servers=self.settings.kafka_bootstrap,
@@ -90,7 +97,11 @@ class Publisher:
                     # meanwhile.
                     request_timeout_ms=10_000,
                 )
-                await producer.start()
+                try:
+                    await producer.start()
+                except BaseException:
+                    await producer.stop()  # a failed start leaves connections behind otherwise
+                    raise
                 self._producer = producer
             return self._producer
 
@@ -118,8 +129,18 @@ class Publisher:
             )
         await asyncio.gather(*sends)
 
-    async def stop(self) -> None:
-        """Flush and close the producer."""
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+    async def stop(self, timeout_s: float = 2.0) -> None:
+        """Close the producer, flushing for at most ``timeout_s``; never start it again.
+
+        Sends still pending belong to batches that are not acknowledged (``publish`` returns only
+        once Kafka has every record): the next owner of their partitions sends them again. So a
+        broker that does not answer must not hold the shutdown up: flushing is bounded.
+        """
+        async with self._lock:
+            self._stopped = True
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), timeout_s)
+            except TimeoutError:
+                log.warning("dead-letter producer not flushed in %.0f s: closing anyway", timeout_s)
