@@ -81,6 +81,9 @@ def test_worker_joins_and_leaves_during_traffic(
 
 def test_zombie_worker_commit_is_fenced(own_redis: EmbeddedRedis, deployment: Deployment) -> None:
     deployment.env["KPI_REDIS_URL"] = own_redis.url
+    # A short session: the frozen worker is evicted and its partitions applied by the other one
+    # well before its own Redis reads time out (10 s), so it wakes up with its stale answers.
+    deployment.env["KPI_BROKER_SESSION_TIMEOUT_SECONDS"] = "3"
     env = deployment.env
     planned = traffic(seconds=120, rate=40, seed=21)
     half = len(planned) // 2
@@ -94,10 +97,12 @@ def test_zombie_worker_commit_is_fenced(own_redis: EmbeddedRedis, deployment: De
 
     # Redis stalls: both workers fetch the next records and wait mid-flush for Redis's answers.
     os.kill(own_redis.pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
     try:
         asyncio.run(publish(bootstrap, topic, planned[half:]))
         time.sleep(1.0)
         os.killpg(zombie.proc.pid, signal.SIGSTOP)  # frozen mid-flush
+        frozen_at = time.monotonic()
     finally:
         os.kill(own_redis.pid, signal.SIGCONT)
     try:
@@ -110,6 +115,7 @@ def test_zombie_worker_commit_is_fenced(own_redis: EmbeddedRedis, deployment: De
         other.wait_until(took_over, timeout_s=60)
     finally:
         os.killpg(zombie.proc.pid, signal.SIGCONT)
+        print(f"zombie frozen for {time.monotonic() - frozen_at:.1f} s")
     # The zombie finishes its flush with state loaded before the takeover, then rejoins.
     wait_for(lambda: bool(owned(zombie)), 60, "the zombie did not rejoin")
     assert_exact(other, deployment, planned)
