@@ -111,7 +111,7 @@ def test_broker_outage_then_resumes_by_itself(
     planned = with_bad_records(traffic(seconds=240 if seed == 0 else 480, rate=40, seed=seed))
     worker = started(deployment.worker(**WORKER))
     pid = worker.proc.pid if worker.proc else None
-    feed = Background(deployment, planned, len(planned) / (outage_s + 10))
+    feed = Background(deployment, planned, len(planned) / (outage_s + 7))
     wait_for(lambda: processed(worker) > 0, 60, "the worker made no progress")
     time.sleep(rng.uniform(0.5, 2.0))
     assert own_broker.pid is not None
