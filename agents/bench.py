@@ -304,9 +304,10 @@ def latency(
                 while time.perf_counter() - started < duration_s:
                     tick = time.perf_counter()
                     events = sim.events(int(time.time() * 1000), max(1, int(rate * tick_s)))
+                    # The same shape as the envelope measurement: one array per partition.
                     futures = [
-                        await producer.send(topic, r.value, key=r.key, partition=r.partition)
-                        for r in sim.records(events)
+                        await producer.send(topic, value, partition=partition)
+                        for partition, value in envelopes(events)
                     ]
                     await asyncio.gather(*futures)
                     total += len(events)
@@ -325,7 +326,9 @@ def latency(
         if visible is not None:
             delays.append(visible - produced_at)
     delays.sort()
+    achieved = (sent[-1][1] - sent[0][1]) / (sent[-1][0] - sent[0][0]) if len(sent) > 1 else 0.0
     return {
+        "achieved_events_per_s": achieved,
         "p50_s": statistics.median(delays),
         "p99_s": delays[min(len(delays) - 1, int(len(delays) * 0.99))],
         "samples": len(delays),
@@ -528,7 +531,8 @@ def print_table(r: dict[str, Any]) -> None:
         (
             "latency p50 / p99",
             f"{r['latency']['p50_s'] * 1000:,.0f} / {r['latency']['p99_s'] * 1000:,.0f} ms",
-            f"at {r['latency']['rate_events_per_s']:,.0f} events/s (target p99 <= 2 s)",
+            f"at {r['latency']['achieved_events_per_s']:,.0f} events/s"
+            f" (asked {r['latency']['rate_events_per_s']:,.0f}; target p99 <= 2 s)",
         ),
         (
             "memory per open visit",

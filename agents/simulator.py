@@ -10,6 +10,7 @@ some as single keyed records, a few without a key (re-keyed by the worker).
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
 from collections.abc import Iterator
@@ -62,7 +63,7 @@ class Simulator:
     gap_s: float = 1800
     seed: int | None = None
     rng: random.Random = field(init=False)
-    _visits: list[_Visit] = field(init=False, default_factory=list)
+    _visits: list[tuple[int, int, _Visit]] = field(init=False, default_factory=list)
     _dormant: dict[str, tuple[int, str]] = field(init=False, default_factory=dict)
     _ids: Iterator[int] = field(init=False, default_factory=itertools.count)
     _visitors: Iterator[int] = field(init=False, default_factory=itertools.count)
@@ -82,16 +83,17 @@ class Simulator:
 
     def _start_visit(self, now_ms: int) -> None:
         rng = self.rng
-        gap_ms = self.gap_s * 1000
-        returning = [v for v, (last, _) in self._dormant.items() if now_ms - last > gap_ms]
-        if returning and rng.random() < 0.3:
-            visitor_id = rng.choice(returning)
+        oldest = next(iter(self._dormant), None)  # dormant visitors are kept oldest first
+        back = oldest is not None and now_ms - self._dormant[oldest][0] > self.gap_s * 1000
+        if back and rng.random() < 0.3:
+            assert oldest is not None
+            visitor_id = oldest
             campaign_id = self._dormant.pop(visitor_id)[1]
         else:
             visitor_id = f"v{next(self._visitors):07d}"
             campaign_id = rng.choices(CAMPAIGNS, weights=(5, 3, 2, 1))[0]
         bounce = rng.random() < 0.35
-        self._visits.append(
+        self._push(
             _Visit(
                 visitor_id,
                 campaign_id,
@@ -126,16 +128,19 @@ class Simulator:
             event["network"] = rng.choice(NETWORKS)
         return event
 
+    def _push(self, visit: _Visit) -> None:
+        heapq.heappush(self._visits, (visit.next_ms, next(self._ids), visit))
+
     def events(self, now_ms: int, count: int) -> list[dict[str, object]]:
         """About ``count`` events happening up to ``now_ms``, oldest first."""
         rng = self.rng
         out: list[dict[str, object]] = []
+        visits = self._visits  # a heap of active visits by the time of their next event
         while len(out) < count:
-            due = [v for v in self._visits if v.next_ms <= now_ms]
-            if not due or len(self._visits) < max(4, count // 2):
+            if not visits or visits[0][0] > now_ms or len(visits) < max(4, count // 2):
                 self._start_visit(now_ms - rng.randrange(0, 1000))
                 continue
-            visit = rng.choice(due)
+            visit = heapq.heappop(visits)[2]
             if not visit.started:
                 kind = "page_view"  # every visit lands on a page
                 visit.started = True
@@ -146,12 +151,13 @@ class Simulator:
             out.append(self._event(visit, kind, min(visit.next_ms, now_ms)))
             visit.steps_left -= 1
             if visit.bounce or visit.steps_left < 0:
-                self._visits.remove(visit)
+                self._dormant.pop(visit.visitor_id, None)
                 self._dormant[visit.visitor_id] = (now_ms, visit.campaign_id)
                 if len(self._dormant) > 5000:
                     self._dormant.pop(next(iter(self._dormant)))
             else:
                 visit.next_ms = now_ms + rng.randrange(500, 8000)
+                self._push(visit)
         out.sort(key=lambda e: e["ts"])  # type: ignore[arg-type, return-value]
         return out
 
