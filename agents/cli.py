@@ -214,6 +214,7 @@ def bench(quick: bool) -> None:
     """Throughput, latency, memory and /metrics time against baselines (see docs/performance.md)."""
     from agents.bench import run
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers it started
     run(quick=quick)
 
 
