@@ -224,6 +224,13 @@ class StoreDownAlert(PipelineAlert):
     severity: Severity = "critical"
 
 
+class StoreResetAlert(PipelineAlert):
+    """A worker found the store reset (``kpi_store_reset_detected == 1``) and applies nothing."""
+
+    for_: Duration = Field(default="0s", alias="for")
+    severity: Severity = "critical"
+
+
 class PipelineAlerts(_Model):
     """The pipeline alerts; ``job`` is the Prometheus scrape job of the workers."""
 
@@ -234,6 +241,7 @@ class PipelineAlerts(_Model):
     rejected_events: RejectedEventsAlert = Field(default_factory=RejectedEventsAlert)
     watermark_stalled: WatermarkStalledAlert = Field(default_factory=WatermarkStalledAlert)
     store_down: StoreDownAlert = Field(default_factory=StoreDownAlert)
+    store_reset: StoreResetAlert = Field(default_factory=StoreResetAlert)
 
 
 class AlertsConfig(_Model):
@@ -452,6 +460,16 @@ def _pipeline_rules(p: PipelineAlerts) -> list[dict[str, Any]]:
             "Worker {{ $labels.instance }} cannot read the store",
             f"The kpi worker {{{{ $labels.instance }}}} could not read the shared Redis store "
             f"for {p.store_down.for_}: its /metrics has no KPI.",
+        ),
+        _alert(
+            "KpiStoreReset",
+            "kpi_store_reset_detected == 1",
+            p.store_reset,
+            "Worker {{ $labels.instance }} found the KPI store reset",
+            "The kpi worker {{ $labels.instance }} found that the shared store lost state the "
+            "consumer group had acknowledged (Redis restarted empty, flushed or rolled back). It "
+            "applies nothing until the store is restored or the KPIs are rebuilt by a replay "
+            "(docs/reliability.md).",
         ),
     ]
 

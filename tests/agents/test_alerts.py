@@ -281,8 +281,10 @@ def test_pipeline_alerts() -> None:
         "KpiRejectedEventsSpike",
         "KpiWatermarkStalled",
         "KpiStoreDown",
+        "KpiStoreReset",
     }
     assert by_name["KpiWorkerDown"]["expr"] == 'up{job="w"} == 0'
+    assert by_name["KpiStoreReset"]["expr"] == "kpi_store_reset_detected == 1"
     assert by_name["KpiConsumerLagGrowing"]["for"] == "1m"
     assert "(deriv(kpi_consumer_lag[10m])) > 0" in by_name["KpiConsumerLagGrowing"]["expr"]
     assert (
@@ -771,6 +773,30 @@ def pipeline_cases(config: AlertsConfig) -> list[Case]:
                 inputs,
                 {"KpiStoreDown": fired},
                 covers={("KpiStoreDown", "fires" if fires else "silent")},
+            )
+        )
+
+    # Store reset found by one worker / by none.
+    t = minutes(p.store_reset.for_) + 5
+    for variant, first, fires in (("one worker", 1, True), ("none", 0, False)):
+        inputs = [
+            {
+                "series": selector("kpi_store_reset_detected", instance=WORKERS[0], job=p.job),
+                "values": f"{first}x{t}",
+            },
+            {
+                "series": selector("kpi_store_reset_detected", instance=WORKERS[1], job=p.job),
+                "values": f"0x{t}",
+            },
+        ]
+        fired = [alert("KpiStoreReset", {"instance": WORKERS[0], "job": p.job})] if fires else []
+        cases.append(
+            Case(
+                f"KpiStoreReset: {variant}",
+                t,
+                inputs,
+                {"KpiStoreReset": fired},
+                covers={("KpiStoreReset", "fires" if fires else "silent")},
             )
         )
     return cases
