@@ -1,9 +1,10 @@
-"""The Faust application: one agent over the events topic, a timer, and ``/metrics``.
+"""The Faust application: a consuming task over the events topic, a timer, and ``/metrics``.
 
-The agent takes records in batches (``noack_take``: Faust's per-record delivery cost is paid once
-per record, and a record may carry many events), hands them to :class:`BatchProcessor`, and acks
-them only after their effects are durable in the store. Faust then commits those offsets; the store
-keeps its own applied offset per partition, which is what makes replays harmless.
+The task drains the topic channel's queue in batches (a Faust ``Stream`` costs per record, and a
+record may carry many events), hands them to :class:`BatchProcessor`, and acks them only after
+their effects are durable in the store. Faust then commits those offsets; the store keeps its own
+applied offset per partition, which is what makes replays harmless. Faust provides the consumer
+group, rebalances, offset commits, the web server and the worker's lifecycle.
 """
 
 from __future__ import annotations
