@@ -752,53 +752,33 @@ def pipeline_cases(config: AlertsConfig) -> list[Case]:
             )
         )
 
-    # Store down on one worker / up everywhere.
-    t = minutes(p.store_down.for_) + 5
-    for variant, first, fires in (("one worker", 0, True), ("none", 1, False)):
-        inputs = [
-            {
-                "series": selector("kpi_store_up", instance=WORKERS[0], job=p.job),
-                "values": f"{first}x{t}",
-            },
-            {
-                "series": selector("kpi_store_up", instance=WORKERS[1], job=p.job),
-                "values": f"1x{t}",
-            },
-        ]
-        fired = [alert("KpiStoreDown", {"instance": WORKERS[0], "job": p.job})] if fires else []
-        cases.append(
-            Case(
-                f"KpiStoreDown: {variant}",
-                t,
-                inputs,
-                {"KpiStoreDown": fired},
-                covers={("KpiStoreDown", "fires" if fires else "silent")},
+    # A worker's own store gauge: bad on one worker / good everywhere.
+    for name, metric, settings, bad, good in (
+        ("KpiStoreDown", "kpi_store_up", p.store_down, 0, 1),
+        ("KpiStoreReset", "kpi_store_reset_detected", p.store_reset, 1, 0),
+    ):
+        t = minutes(settings.for_) + 5
+        for variant, first, fires in (("one worker", bad, True), ("none", good, False)):
+            inputs = [
+                {
+                    "series": selector(metric, instance=WORKERS[0], job=p.job),
+                    "values": f"{first}x{t}",
+                },
+                {
+                    "series": selector(metric, instance=WORKERS[1], job=p.job),
+                    "values": f"{good}x{t}",
+                },
+            ]
+            fired = [alert(name, {"instance": WORKERS[0], "job": p.job})] if fires else []
+            cases.append(
+                Case(
+                    f"{name}: {variant}",
+                    t,
+                    inputs,
+                    {name: fired},
+                    covers={(name, "fires" if fires else "silent")},
+                )
             )
-        )
-
-    # Store reset found by one worker / by none.
-    t = minutes(p.store_reset.for_) + 5
-    for variant, first, fires in (("one worker", 1, True), ("none", 0, False)):
-        inputs = [
-            {
-                "series": selector("kpi_store_reset_detected", instance=WORKERS[0], job=p.job),
-                "values": f"{first}x{t}",
-            },
-            {
-                "series": selector("kpi_store_reset_detected", instance=WORKERS[1], job=p.job),
-                "values": f"0x{t}",
-            },
-        ]
-        fired = [alert("KpiStoreReset", {"instance": WORKERS[0], "job": p.job})] if fires else []
-        cases.append(
-            Case(
-                f"KpiStoreReset: {variant}",
-                t,
-                inputs,
-                {"KpiStoreReset": fired},
-                covers={("KpiStoreReset", "fires" if fires else "silent")},
-            )
-        )
     return cases
 
 
