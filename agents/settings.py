@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     batch_max_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Record bytes per batch at most (bounds memory)"
     )
+    fetch_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        le=1500,
+        description="Longest time the broker may hold a fetch waiting for data (Faust: 1500)",
+    )
     broker_session_timeout_seconds: float = Field(
         10.0, gt=0, description="Kafka consumer-group session timeout"
     )
