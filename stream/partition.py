@@ -248,8 +248,8 @@ class PartitionState:
                 continue  # already applied before a restart: replayed, skip
             own_key = record.key
             for item in d.items:
-                if isinstance(item, Rejection):
-                    self._reject(delta, record, item)
+                if item.__class__ is not Event:
+                    self._reject(delta, record, item)  # type: ignore[arg-type]
                 elif item.ts_ms > future_limit_ms:
                     raw = orjson.dumps(item.source)
                     rejection = Rejection(
@@ -300,22 +300,40 @@ class PartitionState:
         delta.pipeline[f"rejected:{rejection.reason.value}"] += 1
 
     def _count(self, delta: Delta, event: Event) -> None:
-        campaign = event.campaign_id
-        delta.counters[campaign, EVENT_COUNTERS[event.type]] += 1
-        self._unique(delta, campaign, UNIQUE_VISITORS, event.ts_ms, event.visitor_id)
-        if event.type is EventType.PARTICIPATION:
-            self._unique(
-                delta, campaign, UNIQUE_PARTICIPATING_VISITORS, event.ts_ms, event.visitor_id
-            )
+        # The innermost step, once per counted event: attributes are read once into locals.
+        campaign, visitor, ts_ms, event_type = (
+            event.campaign_id,
+            event.visitor_id,
+            event.ts_ms,
+            event.type,
+        )
+        delta.counters[campaign, EVENT_COUNTERS[event_type]] += 1
+        # Distinct counts go to the finest bucket only; _finish fills the coarser ones from it.
+        start = ts_ms - ts_ms % _FINEST_MS
+        uniques = delta.uniques
+        key = (campaign, UNIQUE_VISITORS, _FINEST_MS, start)
+        members = uniques.get(key)
+        if members is None:
+            uniques[key] = {visitor}
+        else:
+            members.add(visitor)
+        if event_type is EventType.PARTICIPATION:
+            self._unique(delta, campaign, UNIQUE_PARTICIPATING_VISITORS, ts_ms, visitor)
             identity = participant_hash(self.identity_key, event)
-            self._unique(delta, campaign, UNIQUE_PARTICIPANTS, event.ts_ms, identity)
+            self._unique(delta, campaign, UNIQUE_PARTICIPANTS, ts_ms, identity)
         watermark = self.watermark
-        if watermark.is_late(event.ts_ms, self.limits.lateness_ms):
+        watermark_ms = watermark.watermark_ms
+        if watermark_ms >= 0 and ts_ms < watermark_ms - self.limits.lateness_ms:
             delta.pipeline["late"] += 1
             return
-        self._close(delta, max(watermark.watermark_ms, event.ts_ms))
-        watermark.observe(event.ts_ms)
-        self.visits.add(campaign, event.visitor_id, event.ts_ms, event.type)
+        visits = self.visits
+        if visits.due(ts_ms if ts_ms > watermark_ms else watermark_ms):
+            self._close(delta, ts_ms if ts_ms > watermark_ms else watermark_ms)
+        if ts_ms > watermark_ms:  # Watermark.observe, inline
+            watermark.watermark_ms = ts_ms
+        if ts_ms > watermark.newest_event_ms:  # not implied: an idle advance moves only the first
+            watermark.newest_event_ms = ts_ms
+        visits.add(campaign, visitor, ts_ms, event_type)
 
     @staticmethod
     def _unique(delta: Delta, campaign: str, kind: str, ts_ms: int, member: str) -> None:
