@@ -32,14 +32,22 @@ class StoreCollector(Collector):
 
     def __init__(self) -> None:
         self.snapshot: KpiSnapshot | None = None
+        self._rendered: tuple[KpiSnapshot | None, bytes] | None = None
 
     def collect(self) -> Iterator[Metric]:
         for family in self.families():
             yield family.metric()
 
     def render(self) -> bytes:
-        """The text exposition of :meth:`families`."""
-        return exposition.render(self.families()).encode()
+        """The text exposition of :meth:`families`.
+
+        Snapshots are read-only (see :meth:`stream.store.Store.read`): the text of the snapshot
+        rendered last is reused while the store returns that same snapshot.
+        """
+        snap = self.snapshot
+        if self._rendered is None or self._rendered[0] is not snap:
+            self._rendered = (snap, exposition.render(self.families()).encode())
+        return self._rendered[1]
 
     def families(self) -> Iterator[Family]:
         """The store's metric families, from the last snapshot."""

@@ -5,7 +5,8 @@ Key design (``P`` a partition, ``C`` a campaign; ``{...}`` is the Redis Cluster 
 =====================================  ===============================================  =======
 key                                    holds                                            type
 =====================================  ===============================================  =======
-``kpi:{pP}:meta``                      applied offset, watermark, newest event time     hash
+``kpi:{pP}:meta``                      applied offset, watermark, newest event time,    hash
+                                       commit count (``rev``)
 ``kpi:{pP}:cnt``                       ``C\\x1f<counter>`` -> total                      hash
 ``kpi:{pP}:pipe``                      pipeline counters                                hash
 ``kpi:{pP}:open``                      visit key -> its open visits (compact text)      hash
@@ -22,8 +23,9 @@ Every key a commit writes carries its partition's hash tag, so one ``MULTI``/``E
 batch atomically with its offset, on a single Redis or a Redis Cluster. HyperLogLogs are keyed by
 campaign instead (one ``PFCOUNT`` unions a window's buckets across partitions); ``PFADD`` is
 idempotent, so they are written before the commit, outside it. The script that adds to them also
-increments the campaign's ``uver`` when an add changed something, so that scrapes re-count only
-the campaigns whose distinct counts may have changed (:mod:`agents.redis_read`).
+increments the campaign's ``uver`` when an add changed something, and every commit increments its
+partition's ``rev``: a scrape re-reads only the partitions and re-counts only the campaigns that
+changed (:mod:`agents.redis_read`).
 
 The identity marker is written once (``SET NX``) by the first worker and never changed: a Redis that
 restarted empty, or was flushed, has no marker or a new one, which is how workers tell "nothing
@@ -259,6 +261,8 @@ class RedisStore:
         """Queue the writes of ``delta`` on a ``MULTI`` pipeline."""
         p = delta.partition
         wm = delta.watermark
+        # ``rev`` changes with every commit: readers cache a partition while its meta is the same.
+        pipe.hincrby(self.key(p, "meta"), "rev", 1)  # type: ignore[attr-defined]
         pipe.hset(  # type: ignore[attr-defined]
             self.key(p, "meta"),
             mapping={

@@ -67,6 +67,19 @@ def test_the_store_families_are_generate_latests_byte_for_byte() -> None:
     assert collector.render() == reference(collector)
 
 
+def test_a_new_snapshot_is_rendered_anew() -> None:
+    # The text is reused for the same snapshot object only (stores return it again while
+    # nothing changed), never for another one.
+    collector = StoreCollector()
+    collector.snapshot = realistic_snapshot(campaigns=5, seed=1)
+    first = collector.render()
+    assert collector.render() == first
+    collector.snapshot = realistic_snapshot(campaigns=5, seed=2)
+    assert collector.render() == reference(collector) != first
+    collector.snapshot = None
+    assert collector.render() == reference(collector)
+
+
 def test_without_a_snapshot_only_the_store_is_down() -> None:
     collector = StoreCollector()
     assert collector.render() == reference(collector)

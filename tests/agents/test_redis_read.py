@@ -15,7 +15,9 @@ from agents.embedded import EmbeddedRedis
 from agents.redis_store import RedisStore
 from stream.kpis import KpiSnapshot
 from stream.partition import UNIQUE_VISITORS, Limits, PartitionState, Record, candidate_ids, decode
+from stream.partitioner import partition_for
 from stream.store import MemoryStore, Store
+from stream.windows import WINDOWS
 from tests.stream.factories import DEDUP_RETENTION_MS, H_MS, KEY, MIN_MS, event, record
 from tests.stream.factories import scenario_batches as scenario
 
@@ -57,35 +59,52 @@ def store(redis: Redis, clock: Clock) -> RedisStore:
 
 
 async def apply(store: Store, batch: Sequence[Record], partitions: int = 1) -> None:
-    """One worker step on partition 0: what ``agents.processor`` does around the domain."""
-    snap = await store.load(0)
+    """One worker step on the batch's partition: what ``agents.processor`` does around the
+    domain."""
+    p = batch[0].partition
+    snap = await store.load(p)
     state = PartitionState(
-        0, partitions, Limits(), KEY, snap.offset, snap.watermark, snap.open_visits
+        p, partitions, Limits(), KEY, snap.offset, snap.watermark, snap.open_visits
     )
     decoded = decode(batch)
-    state.load_visits(await store.visits(0, state.visit_needs(decoded, NOW_S)))
-    seen = await store.seen(0, candidate_ids(decoded))
+    state.load_visits(await store.visits(p, state.visit_needs(decoded, NOW_S)))
+    seen = await store.seen(p, candidate_ids(decoded))
     expected = state.offset
     delta = state.apply(decoded, seen, NOW_S)
     await store.add_uniques(delta.uniques)
     assert await store.commit(delta, expected, DEDUP_RETENTION_MS)
 
 
-def page_views(offset: int, *views: tuple[str, str, int]) -> list[Record]:
+def page_views(offset: int, *views: tuple[str, str, int], partition: int = 0) -> list[Record]:
     """Records of page views ``(campaign, visitor, ts_ms)``, from ``offset`` on."""
     return [
-        record(offset + i, event(f"e{offset + i}", "page_view", ts, campaign_id=c, visitor_id=v))
+        record(
+            offset + i,
+            event(f"e{partition}-{offset + i}", "page_view", ts, campaign_id=c, visitor_id=v),
+            partition=partition,
+        )
         for i, (c, v, ts) in enumerate(views)
     ]
+
+
+def visitors_of(partition: int, partitions: int, count: int) -> list[str]:
+    """Visitor ids whose home is ``partition``."""
+    found = (f"v{i}" for i in range(10_000))
+    return [v for v in found if partition_for(v, partitions) == partition][:count]
 
 
 def uniques(snap: KpiSnapshot, campaign: str, window: str) -> int:
     return snap.windows[campaign, window].uniques.get(UNIQUE_VISITORS, 0)
 
 
-async def pfcount_calls(redis: Redis) -> int:
+async def calls(redis: Redis, command: str) -> int:
+    """How many ``command`` the server has run (scripts' calls included)."""
     stats = await redis.info("commandstats")
-    return int(stats.get("cmdstat_pfcount", {}).get("calls", 0))
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def pfcount_calls(redis: Redis) -> int:
+    return await calls(redis, "pfcount")
 
 
 async def test_the_snapshot_is_the_in_memory_stores(store: RedisStore) -> None:
@@ -114,6 +133,40 @@ async def test_an_unchanged_store_is_not_counted_again(store: RedisStore, redis:
     assert await pfcount_calls(redis) == before
     assert again == first
     assert uniques(again, "c1", "5m") == 2
+
+
+async def test_only_the_partitions_that_committed_are_read_again(
+    redis: Redis, clock: Clock
+) -> None:
+    store = RedisStore(redis, 2, f"t{uuid.uuid4().hex[:8]}", clock=clock)
+    a, b = visitors_of(0, 2, 1)[0], visitors_of(1, 2, 2)
+    await apply(store, page_views(0, ("c1", a, H_MS), partition=0), partitions=2)
+    await apply(store, page_views(0, ("c1", b[0], H_MS), partition=1), partitions=2)
+    first = await store.read()
+    assert first.counters["c1"]["page_views"] == 2
+    before = await calls(redis, "hgetall")
+    assert await store.read() is first  # nothing changed: the very same snapshot
+    assert await calls(redis, "hgetall") - before == 2  # the two partitions' meta, nothing else
+    await apply(store, page_views(1, ("c2", b[1], H_MS), partition=1), partitions=2)
+    before = await calls(redis, "hgetall")
+    snap = await store.read()
+    # Both metas, then partition 1's counters, pipeline totals and window buckets only.
+    buckets = sum(spec.buckets for spec in WINDOWS)
+    assert await calls(redis, "hgetall") - before == 2 + 2 + buckets
+    assert (snap.counters["c1"]["page_views"], snap.counters["c2"]["page_views"]) == (2, 1)
+    assert snap.pipeline["processed"] == 3
+
+
+async def test_a_partition_written_behind_its_meta_is_read_again_after_the_max_age(
+    store: RedisStore, redis: Redis, clock: Clock
+) -> None:
+    await apply(store, page_views(0, ("c1", "a", H_MS)))
+    assert (await store.read()).counters["c1"]["page_views"] == 1
+    # A counter changed without the commit's meta (what no release does; the bound holds anyway).
+    await redis.hincrby(store.key(0, "cnt"), "c1\x1fpage_views", 1)
+    assert (await store.read()).counters["c1"]["page_views"] == 1
+    clock.now_s += MAX_AGE_S
+    assert (await store.read()).counters["c1"]["page_views"] == 2
 
 
 async def test_an_add_to_a_campaign_changes_its_next_scrape(
