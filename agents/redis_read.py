@@ -202,11 +202,10 @@ class SnapshotReader:
             if newest_ms >= 0
             else []
         )
-        read_again = await self._read_partitions(metas, buckets, now)
-        if read_again or self._sums is None:
+        if await self._read_partitions(metas, buckets, now) or self._sums is None:
             self._sums = self._add_up(newest_ms)
-        counted_again = await self._count(self._sums.marked, versions, now)
-        if read_again or counted_again or self._snapshot is None:
+            self._snapshot = None  # until the counts of these sums are read
+        if await self._count(self._sums.marked, versions, now) or self._snapshot is None:
             self._snapshot = self._with_counts(self._sums.snapshot)
         return self._snapshot
 
@@ -216,11 +215,12 @@ class SnapshotReader:
         """Read the hashes of the partitions whose ``meta`` changed, and the window buckets
         not read yet; returns whether anything was read."""
         plan: list[tuple[_Partition, str | Bucket]] = []
+        fresh: dict[int, _Partition] = {}  # cached once read: a failed read leaves no hole
         async with self.redis.pipeline(transaction=False) as pipe:
             for p, meta in enumerate(metas):
                 part = self._parts.get(p)
                 if part is None or part.meta != meta or now >= part.read_at + self.max_age_s:
-                    part = self._parts[p] = _Partition(meta, now)
+                    part = fresh[p] = _Partition(meta, now)
                     for name in ("cnt", "pipe"):
                         pipe.hgetall(self.keys.key(p, name))
                         plan.append((part, name))
@@ -238,6 +238,7 @@ class SnapshotReader:
                 part.pipeline = reply
             elif isinstance(what, tuple):
                 part.buckets[what] = reply
+        self._parts.update(fresh)
         return bool(plan)
 
     def _add_up(self, newest_ms: int) -> _Sums:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from agents.embedded import EmbeddedRedis
 from agents.redis_store import RedisStore
@@ -167,6 +168,23 @@ async def test_a_partition_written_behind_its_meta_is_read_again_after_the_max_a
     assert (await store.read()).counters["c1"]["page_views"] == 1
     clock.now_s += MAX_AGE_S
     assert (await store.read()).counters["c1"]["page_views"] == 2
+
+
+async def test_a_failed_read_leaves_nothing_half_cached(store: RedisStore, redis: Redis) -> None:
+    await apply(store, page_views(0, ("c1", "a", H_MS)))
+    assert (await store.read()).counters["c1"]["page_views"] == 1
+    await apply(store, page_views(1, ("c1", "b", H_MS)))
+    # The partition's new meta is read, then reading its hashes fails (a wrong type here).
+    pipeline = await redis.hgetall(store.key(0, "pipe"))
+    await redis.delete(store.key(0, "pipe"))
+    await redis.set(store.key(0, "pipe"), "not a hash")
+    with pytest.raises(ResponseError):
+        await store.read()
+    await redis.delete(store.key(0, "pipe"))
+    await redis.hset(store.key(0, "pipe"), mapping=pipeline)
+    snap = await store.read()
+    assert snap.counters["c1"]["page_views"] == 2
+    assert uniques(snap, "c1", "5m") == 2
 
 
 async def test_an_add_to_a_campaign_changes_its_next_scrape(
