@@ -91,7 +91,7 @@ class KeyNames(Protocol):
 
 
 class _Fields(dict[bytes, tuple[str, str, bool]]):
-    """Hash fields ``C\x1f<name>`` split once: ``(campaign, name, whether a distinct mark)``.
+    """Hash fields ``C\\x1f<name>`` split once: ``(campaign, name, whether a distinct mark)``.
 
     Holds every field seen: about as many as the store's counters hash has (campaigns never
     leave it), times the few window names.
