@@ -137,8 +137,8 @@ class RedisStore:
         partitions: How many partitions the events topic has.
         prefix: Prefix of every key.
         unique_ttl_s: Wall-clock lifetime of a distinct-count bucket.
-        read_cache_max_age_s: Longest time :meth:`read` uses a cached distinct count without
-            counting it again (see :mod:`agents.redis_read`).
+        read_cache_max_age_s: Longest time :meth:`read` reuses what it read before without
+            reading it again (see :mod:`agents.redis_read`).
         clock: Monotonic seconds, for the read cache's ages.
     """
 

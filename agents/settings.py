@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     scrape_cache_max_age_seconds: float = Field(
         300.0,
         ge=0,
-        description="Longest time a scrape reuses a cached distinct count (0: never cached)",
+        description="Longest time a scrape reuses what it read before from the store (0: never)",
     )
     web_host: str = Field("127.0.0.1", description="Address of the /metrics web server")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the /metrics web server")
