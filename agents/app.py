@@ -130,7 +130,13 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    store = RedisStore(redis, partitions, settings.redis_prefix, settings.hll_retention_seconds)
+    store = RedisStore(
+        redis,
+        partitions,
+        settings.redis_prefix,
+        settings.hll_retention_seconds,
+        settings.scrape_cache_max_age_seconds,
+    )
     publisher = Publisher(settings)
 
     def committed(partition: int) -> int | None:

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     hll_retention_seconds: int = Field(
         3 * 86400, ge=86400, description="Wall-clock lifetime of the window HyperLogLog buckets"
     )
+    scrape_cache_max_age_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Longest time a scrape reuses what it read before from the store (0: never)",
+    )
     web_host: str = Field("127.0.0.1", description="Address of the /metrics web server")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the /metrics web server")
     batch_max_records: int = Field(2000, ge=1, description="Records handled per batch at most")
