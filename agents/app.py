@@ -119,7 +119,9 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         topic_allow_declare=False,
         topic_partitions=partitions,
         producer_max_request_size=16 * 1024 * 1024,
-        consumer_max_fetch_size=16 * 1024 * 1024,
+        # Per partition and fetch: bounds what the consumer holds fetched (a larger record still
+        # comes whole: Kafka, and Tansu, return a first record batch over the limit).
+        consumer_max_fetch_size=1024 * 1024,
         broker_max_poll_records=10_000,  # bigger fetches: fewer hand-offs from the consumer thread
         logging_config=None,
     )

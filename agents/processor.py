@@ -126,6 +126,7 @@ class BatchProcessor:
         self.limits = limits_of(settings)
         self.identity_key = settings.identity_key_bytes()
         self.dedup_retention_ms = settings.dedup_retention_seconds * 1000
+        self.visit_cache = settings.visit_cache
         self.states: dict[int, PartitionState] = {}
         self.assigned: set[int] = set()
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -259,7 +260,7 @@ class BatchProcessor:
                 await self.publisher.publish(delta)
                 await self.store.add_uniques(delta.uniques)
                 if await self.store.commit(delta, expected, self.dedup_retention_ms):
-                    state.evict_visits()  # they are in the store; memory stays O(batch)
+                    state.evict_visits(self.visit_cache)  # they are in the store: bounded
                     self.metrics.flush_seconds.observe(time.perf_counter() - started)
                     return
                 self.metrics.fence_lost.inc()

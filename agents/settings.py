@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     )
     web_host: str = Field("127.0.0.1", description="Address of the /metrics web server")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the /metrics web server")
+    visit_cache: int = Field(
+        10_000,
+        ge=0,
+        description="Open visits a worker keeps in memory per partition between batches "
+        "(the store holds them all; 0: fetch every batch's visits)",
+    )
     batch_max_records: int = Field(2000, ge=1, description="Records handled per batch at most")
     batch_within_ms: int = Field(50, ge=1, description="Longest wait to fill a batch")
     batch_max_bytes: int = Field(

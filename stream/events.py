@@ -236,9 +236,7 @@ def validate(obj: object) -> Event:
                 if value is not None and not isinstance(value, kind):
                     break  # the full validation names the field
             else:
-                participant = (
-                    _participant(obj) if event_type is EventType.PARTICIPATION else None
-                )
+                participant = _participant(obj) if event_type is EventType.PARTICIPATION else None
                 return Event(
                     event_id, event_type, ts, campaign_id, visitor_id, channel, participant, obj
                 )

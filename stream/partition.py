@@ -44,6 +44,10 @@ _BUCKETS_MS = sorted({spec.bucket_ms for spec in WINDOWS})
 _FINEST_MS, _COARSER_MS = _BUCKETS_MS[0], tuple(_BUCKETS_MS[1:])
 assert all(b % a == 0 for a, b in itertools.pairwise(_BUCKETS_MS)), "buckets must nest"
 
+# Visitors whose partition a PartitionState remembers (murmur2 in Python is costly; visitors of a
+# batch mostly repeat). Small: a worker holds one memo per partition, for its whole life.
+_HOMES_MEMO = 8192
+
 # Window-bucket field ``u:<kind>``: the bucket has distinct-count data of that kind (not a sum).
 UNIQUE_MARK = "u:"
 
@@ -171,7 +175,8 @@ class PartitionState:
 
     Open visits need not all be in memory: before a step, the worker loads the ones the step
     needs (:meth:`visit_needs`, :meth:`load_visits`) and may evict them after its commit
-    (:meth:`evict_visits`), so that memory does not grow with the number of open visits.
+    (:meth:`evict_visits`, which may keep a bounded number), so that memory does not grow with
+    the number of open visits.
     """
 
     def __init__(
@@ -199,12 +204,15 @@ class PartitionState:
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         bound = self.watermark.watermark_ms
         keys = []
+        held = self.visits  # held visits are the store's, as of the last commit: not fetched
         for d in decoded:
             if d.record.offset <= self.offset:
                 continue
             for item in d.items:
-                if isinstance(item, Event) and item.ts_ms <= future_limit_ms:
-                    keys.append((item.campaign_id, item.visitor_id))
+                if item.__class__ is Event and item.ts_ms <= future_limit_ms:
+                    key = (item.campaign_id, item.visitor_id)
+                    if key not in held:
+                        keys.append(key)
                     if item.ts_ms > bound:
                         bound = item.ts_ms
         return VisitNeeds(keys, bound - self.limits.gap_ms)
@@ -221,9 +229,15 @@ class PartitionState:
             if key not in tracker:
                 tracker.load(key, found)
 
-    def evict_visits(self) -> None:
-        """Forget the open visits held in memory (they are in the store: call after a commit)."""
-        self.visits = VisitTracker(self.limits.gap_ms)
+    def evict_visits(self, keep: int = 0) -> None:
+        """Forget the open visits held in memory, unless there are at most ``keep`` of them.
+
+        Call after a commit: then every visit held is exactly the store's, and the next steps
+        need not fetch them again (a visitor's events mostly come in several batches). Beyond
+        ``keep``, all are forgotten, so that memory stays bounded whatever the open visits.
+        """
+        if len(self.visits) > keep:
+            self.visits = VisitTracker(self.limits.gap_ms)
 
     def apply(self, decoded: Sequence[Decoded], seen: set[str], now_s: float) -> Delta:
         """Apply a batch of this partition's records.
@@ -290,8 +304,8 @@ class PartitionState:
         homes = self._homes
         home = homes.get(visitor)
         if home is None:
-            if len(homes) >= 100_000:
-                homes.clear()  # a bounded memo; visitors of a batch mostly repeat
+            if len(homes) >= _HOMES_MEMO:
+                homes.clear()
             home = homes[visitor] = partition_for(visitor, self.partitions)
         return home == self.partition
 
