@@ -246,6 +246,14 @@ class Worker:
                 return float(line.split()[1])
         return -1
 
+    def owned(self) -> int:
+        """Partitions this worker reports a consumer lag for: the ones assigned to it."""
+        try:
+            text = self.scrape()
+        except OSError:
+            return 0
+        return sum(1 for line in text.splitlines() if line.startswith("kpi_consumer_lag{"))
+
     def rss_bytes(self) -> int:
         assert self.proc is not None
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -273,6 +281,52 @@ def worker_rate(bootstrap: str, redis_url: str, topic: str, expected: int, workd
     with Worker(bootstrap, redis_url, topic, workdir) as worker:
         first, done = worker.wait_processed(expected)
     return expected / (done - first)
+
+
+def two_workers_rate(
+    bootstrap: str,
+    redis_url: str,
+    records: Sequence[tuple[int, bytes]],
+    expected: int,
+    workdir: Path,
+) -> float:
+    """Events/s of two ``kpi worker`` processes of one group, each with half the partitions.
+
+    Both join before the load is produced (a group's rebalance is not what is measured): one
+    warm-up event per partition, then wait until each worker reports the lag of its partitions.
+    """
+    topic = f"two-{secrets.token_hex(4)}"
+    asyncio.run(create_topics(bootstrap, [topic]))
+    group = {"KPI_GROUP_ID": f"bench-two-{topic}", "KPI_REDIS_PREFIX": f"benchtwo{topic}"}
+    sim = Simulator(PARTITIONS, seed=9)
+    warm_up = [
+        (None, p, orjson.dumps(sim.events(int(time.time() * 1000), 1)[0]))
+        for p in range(PARTITIONS)
+    ]
+    with (
+        Worker(bootstrap, redis_url, topic, workdir, group) as a,
+        Worker(bootstrap, redis_url, topic, workdir, group) as b,
+    ):
+        asyncio.run(produce(bootstrap, topic, warm_up))
+        deadline = time.monotonic() + 120
+        while not (0 < a.owned() < PARTITIONS and a.owned() + b.owned() == PARTITIONS):
+            assert time.monotonic() < deadline, "the two workers did not share the partitions"
+            time.sleep(0.5)
+        # Processing starts while the load is produced: watch for it from another thread.
+        first: list[float] = []
+
+        def watch() -> None:
+            while not first:
+                if a.processed() > len(warm_up):
+                    first.append(time.perf_counter())
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        asyncio.run(produce(bootstrap, topic, [(None, p, v) for p, v in records]))
+        _, done = a.wait_processed(len(warm_up) + expected)
+        watcher.join()
+    return expected / (done - first[0])
 
 
 def latency(
@@ -511,6 +565,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         results["ratio_single_vs_faust"] = (
             results["worker_single_events_per_s"] / results["faust_idiomatic_records_per_s"]
         )
+        print("measuring two workers, envelope…", file=sys.stderr)
+        results["two_workers_envelope_events_per_s"] = two_workers_rate(
+            bootstrap, redis.url, list(envelopes(events)), sizes.events, workdir
+        )
         rate = results["worker_envelope_events_per_s"] * 0.5
         print(f"measuring latency at {rate:,.0f} events/s…", file=sys.stderr)
         results["latency"] = {
@@ -554,6 +612,12 @@ def print_table(r: dict[str, Any]) -> None:
             "worker, envelope (50-500 events/record)",
             f"{r['worker_envelope_events_per_s']:,.0f} events/s",
             f"{r['ratio_envelope_vs_lean']:.2f} x lean (target >= 0.5)",
+        ),
+        (
+            "two workers, envelope (4 partitions each)",
+            f"{r['two_workers_envelope_events_per_s']:,.0f} events/s",
+            f"{r['two_workers_envelope_events_per_s'] / r['worker_envelope_events_per_s']:.2f}"
+            " x one worker (2 cores shared with the broker, Redis and the bench)",
         ),
         (
             "latency p50 / p99",
