@@ -44,9 +44,9 @@ _BUCKETS_MS = sorted({spec.bucket_ms for spec in WINDOWS})
 _FINEST_MS, _COARSER_MS = _BUCKETS_MS[0], tuple(_BUCKETS_MS[1:])
 assert all(b % a == 0 for a, b in itertools.pairwise(_BUCKETS_MS)), "buckets must nest"
 
-# Visitors whose partition a PartitionState remembers (murmur2 in Python is costly; visitors of a
-# batch mostly repeat). Small: a worker holds one memo per partition, for its whole life.
-_HOMES_MEMO = 8192
+# Visitors whose partition is remembered (murmur2 in Python is costly, and a visitor's events
+# come again and again): about 10 MB at most; a worker shares one memo among its partitions.
+_HOMES_MEMO = 100_000
 
 # Window-bucket field ``u:<kind>``: the bucket has distinct-count data of that kind (not a sum).
 UNIQUE_MARK = "u:"
@@ -172,6 +172,7 @@ class PartitionState:
         offset: Last offset already applied (``-1``: none).
         watermark: The partition's watermark as stored.
         open_visits: Open visits of the partition, as stored.
+        homes: A visitor -> partition memo; a worker shares one among its partitions.
 
     Open visits need not all be in memory: before a step, the worker loads the ones the step
     needs (:meth:`visit_needs`, :meth:`load_visits`) and may evict them after its commit
@@ -188,6 +189,7 @@ class PartitionState:
         offset: int = -1,
         watermark: Watermark | None = None,
         open_visits: int = 0,
+        homes: dict[str, int] | None = None,
     ) -> None:
         self.partition = partition
         self.partitions = partitions
@@ -197,7 +199,8 @@ class PartitionState:
         self.watermark = watermark or Watermark()
         self.visits = VisitTracker(limits.gap_ms)
         self.open_visits = open_visits
-        self._homes: dict[str, int] = {}  # visitor -> partition: murmur2 in Python is costly
+        # visitor -> partition (murmur2 in Python is costly); may be shared by the partitions
+        self._homes: dict[str, int] = {} if homes is None else homes
 
     def visit_needs(self, decoded: Sequence[Decoded], now_s: float) -> VisitNeeds:
         """The open visits :meth:`apply` may touch or close for this batch."""
@@ -229,15 +232,24 @@ class PartitionState:
             if key not in tracker:
                 tracker.load(key, found)
 
-    def evict_visits(self, keep: int = 0) -> None:
-        """Forget the open visits held in memory, unless there are at most ``keep`` of them.
+    def evict_visits(self, keep: int = 0, recent: Iterable[VisitKey] = ()) -> None:
+        """Forget open visits held in memory, so that at most ``keep`` stay.
 
         Call after a commit: then every visit held is exactly the store's, and the next steps
         need not fetch them again (a visitor's events mostly come in several batches). Beyond
-        ``keep``, all are forgotten, so that memory stays bounded whatever the open visits.
+        ``keep``, only the visits of ``recent`` keys (those the last step changed) stay, up to
+        half of ``keep``: memory stays bounded whatever the open visits, the active ones stay.
         """
-        if len(self.visits) > keep:
-            self.visits = VisitTracker(self.limits.gap_ms)
+        held = self.visits
+        if len(held) <= keep:
+            return
+        self.visits = kept = VisitTracker(self.limits.gap_ms)
+        room = keep // 2
+        for key in recent:
+            visits = held.get(key)
+            if visits and len(visits) <= room:
+                kept.load(key, visits)
+                room -= len(visits)
 
     def apply(self, decoded: Sequence[Decoded], seen: set[str], now_s: float) -> Delta:
         """Apply a batch of this partition's records.
