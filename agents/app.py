@@ -18,11 +18,11 @@ from typing import Any
 import faust
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from redis.asyncio import Redis
 
 from agents.kafka import Publisher
 from agents.metrics import WorkerMetrics
 from agents.processor import BatchProcessor
+from agents.redis_client import connect
 from agents.redis_store import RedisStore
 from agents.settings import Settings
 from stream.partition import Record
@@ -105,7 +105,7 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     )
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    redis = connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     store = RedisStore(redis, partitions, settings.redis_prefix, settings.hll_retention_seconds)
     publisher = Publisher(settings)
 
