@@ -3,9 +3,10 @@
 The contract keeps an ``event_id`` for at least 24 h of event time (``KPI_DEDUP_RETENTION_SECONDS``,
 ``R`` below) to tell a duplicate. A partition stores, per counted event, the BLAKE2b-128 digest
 of its id (16 bytes, not the id: up to 128 characters), in the sets ``kpi:{pP}:seen:<gen>:<shard>``.
-A digest goes to shard ``h mod shards`` of its generation, ``h`` its first 2 bytes: a generation's
-shards are small sets, which Redis keeps as compact listpacks (18 bytes per id) instead of hash
-tables (several times that), while a look-up scans one small shard per generation.
+A digest goes to shard ``h mod shards`` of its generation, ``h`` its first 2 bytes: a
+generation's shards are small sets, which Redis keeps as compact listpacks (about 20 bytes per
+id) instead of hash tables (several times that), while a look-up scans one small shard per
+generation.
 
 **Generations.** A generation receives the ids of the commits made while it is *open*. It closes
 when the watermark reaches its start + ``R``, or early when it is full (more than
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -52,18 +53,23 @@ GROWTH: Final = 4  # a generation that closed full is followed by one this many 
 
 # Look-up: KEYS[1] the meta hash, then shard sets. ARGV[1] the generations the caller assumed
 # (checked against the stored ones: nil when they differ), ARGV[2] per shard ``key index, count``
-# and ARGV[3] the digests' positions, shard after shard (flat JSON), ARGV[4...] the digests.
+# and ARGV[3] the digests' positions, shard after shard (flat JSON), ARGV[4] the digests end to
+# end (one string: no per-digest object on either side).
 # Returns the 0-based positions found.
 LOOKUP_LUA: Final = """
 local stored = redis.call('HGET', KEYS[1], 'seen') or ''
 if stored ~= ARGV[1] then return false end
 local groups, positions = cjson.decode(ARGV[2]), cjson.decode(ARGV[3])
+local blob, sub = ARGV[4], string.sub
 local found, out, at = {}, {}, 0
 for g = 1, #groups, 2 do
   local key, last = KEYS[groups[g]], at + groups[g + 1]
   for first = at + 1, last, 1000 do
     local members = {}
-    for j = first, math.min(first + 999, last) do members[#members + 1] = ARGV[4 + positions[j]] end
+    for j = first, math.min(first + 999, last) do
+      local from = positions[j] * 16
+      members[#members + 1] = sub(blob, from + 1, from + 16)
+    end
     local flags = redis.call('SMISMEMBER', key, unpack(members))
     for j = 1, #flags do
       local position = positions[first + j - 1]
@@ -79,15 +85,19 @@ return out
 """
 
 # Insert: KEYS the shard sets. ARGV[1] per shard ``key index, count`` and ARGV[2] the digests'
-# positions, shard after shard (flat JSON), ARGV[3...] the digests.
+# positions, shard after shard (flat JSON), ARGV[3] the digests end to end.
 INSERT_LUA: Final = """
 local groups, positions = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
+local blob, sub = ARGV[3], string.sub
 local at = 0
 for g = 1, #groups, 2 do
   local key, last = KEYS[groups[g]], at + groups[g + 1]
   for first = at + 1, last, 1000 do
     local members = {}
-    for j = first, math.min(first + 999, last) do members[#members + 1] = ARGV[3 + positions[j]] end
+    for j = first, math.min(first + 999, last) do
+      local from = positions[j] * 16
+      members[#members + 1] = sub(blob, from + 1, from + 16)
+    end
     redis.call('SADD', key, unpack(members))
   end
   at = last
@@ -246,21 +256,28 @@ class Plan:
             self.groups += (before + len(self.keys), count)
 
 
-def heads(digests: Sequence[bytes]) -> list[int]:
-    """The digests' first two bytes as numbers: what :func:`shard_of` takes modulo the shards."""
-    return [d[0] << 8 | d[1] for d in digests]
+def digests_of(event_ids: Iterable[str]) -> bytes:
+    """The ids' digests end to end (16 bytes each, in order)."""
+    return b"".join([digest(i) for i in event_ids])
 
 
-def lookup_plan(prefix: str, generations: Sequence[Generation], digests: Sequence[bytes]) -> Plan:
-    """The plan of :data:`LOOKUP_LUA` (newest generation first; KEYS[1] is the meta hash)."""
+def heads(digests: bytes) -> list[int]:
+    """The first two bytes of each digest in ``digests`` (end to end), as numbers: what
+    :func:`shard_of` takes modulo the shards."""
+    return [digests[k] << 8 | digests[k + 1] for k in range(0, len(digests), DIGEST_BYTES)]
+
+
+def lookup_plan(prefix: str, generations: Sequence[Generation], digests: bytes) -> Plan:
+    """The plan of :data:`LOOKUP_LUA` for ``digests`` end to end (newest generation first;
+    KEYS[1] is the meta hash)."""
     plan, first = Plan(), heads(digests)
     for generation in reversed(generations):
         plan.add(prefix, generation, first, before=1)
     return plan
 
 
-def insert_plan(prefix: str, generation: Generation, digests: Sequence[bytes]) -> Plan:
-    """The plan of :data:`INSERT_LUA`."""
+def insert_plan(prefix: str, generation: Generation, digests: bytes) -> Plan:
+    """The plan of :data:`INSERT_LUA` for ``digests`` end to end."""
     plan = Plan()
     plan.add(prefix, generation, heads(digests), before=0)
     return plan

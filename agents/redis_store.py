@@ -46,7 +46,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from agents import redis_dedup, redis_visits
-from agents.redis_dedup import digest, format_generations, parse_generations
+from agents.redis_dedup import digests_of, format_generations, parse_generations
 from agents.redis_visits import Scan, ScannedShard, due_of, open_shard
 from stream.kpis import KpiSnapshot
 from stream.partition import UNIQUE_MARK, Delta, VisitNeeds
@@ -114,7 +114,6 @@ class RedisStore:
         # last fetch's view of the due shards for the next commit (see agents.redis_visits).
         self._generations: dict[int, str] = {}
         self._scans: dict[int, Scan] = {}
-        self._digests: dict[int, dict[str, bytes]] = {}  # the last look-up's, for its commit
 
     def key(self, partition: int, name: str) -> str:
         """A key of one partition's state."""
@@ -179,9 +178,9 @@ class RedisStore:
                 i = index[shard] = len(keys)
             plan += (i, len(some))
             fields += some
-        offset, scans, found = await self._fetch_script(
-            keys=keys, args=[needs.last_before_ms, orjson.dumps(plan), *fields]
-        )
+        args: list[int | bytes] = [needs.last_before_ms, orjson.dumps(plan), orjson.dumps(fields)]
+        del wanted, fields  # big for big batches: only their JSON waits for the reply
+        offset, scans, found = await self._fetch_script(keys=keys, args=args)
         shard_at = {i: shard for shard, i in index.items()}
         scan = Scan(int(offset))
         out: dict[VisitKey, list[Visit]] = {}
@@ -200,19 +199,20 @@ class RedisStore:
         if not event_ids:
             return set()
         meta = self.key(partition, "meta")
-        digests = [digest(i) for i in event_ids]
-        self._digests[partition] = dict(zip(event_ids, digests, strict=True))
+        digests = digests_of(event_ids)
         for _ in range(3):
             text = self._generations.get(partition)
             if text is None:
                 stored = await self.redis.hget(meta, "seen")
                 text = self._generations[partition] = _text(stored)
-            generations = parse_generations(text)
-            plan = redis_dedup.lookup_plan(self.key(partition, "seen:"), generations, digests)
-            found = await self._lookup_script(
-                keys=[meta, *plan.keys],
-                args=[text, orjson.dumps(plan.groups), orjson.dumps(plan.positions), *digests],
+            plan = redis_dedup.lookup_plan(
+                self.key(partition, "seen:"), parse_generations(text), digests
             )
+            keys = [meta, *plan.keys]
+            args: list[str | bytes] = [text, orjson.dumps(plan.groups)]
+            args += (orjson.dumps(plan.positions), digests)
+            del plan  # its lists are big; what the script needs is in keys and args
+            found = await self._lookup_script(keys=keys, args=args)
             if found is not None:
                 return {event_ids[i] for i in found}
             # The stored generations are not the ones assumed: another worker committed.
@@ -241,8 +241,7 @@ class RedisStore:
         buckets_index = self.key(p, "wb")
         oldest_bucket_ms = delta.watermark.newest_event_ms - RETENTION_MS
         scan = self._scans.pop(p, None)
-        known = self._digests.pop(p, {})
-        digests = [known.get(i) or digest(i) for i in delta.seen]
+        digests = digests_of(delta.seen)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 await pipe.watch(meta)
@@ -275,7 +274,7 @@ class RedisStore:
         delta: Delta,
         roll: redis_dedup.Roll,
         scan: Scan | None,
-        digests: list[bytes],
+        digests: bytes,
     ) -> None:
         """Queue the writes of ``delta`` on a ``MULTI`` pipeline; ``digests`` of ``delta.seen``."""
         p = delta.partition
@@ -314,7 +313,7 @@ class RedisStore:
         if writes.shards:
             await self._write_visits_script(  # queued on the MULTI pipeline: in the transaction
                 keys=[self.key(p, "due"), *(self.key(p, f"open:{s}") for s in writes.shards)],
-                args=[orjson.dumps(writes.steps), *writes.strings],
+                args=[orjson.dumps(writes.steps), orjson.dumps(writes.strings)],
                 client=pipe,  # type: ignore[arg-type]
             )
         seen_prefix = self.key(p, "seen:")
@@ -324,7 +323,7 @@ class RedisStore:
             inserts = redis_dedup.insert_plan(seen_prefix, roll.target, digests)
             await self._insert_script(  # queued on the MULTI pipeline: in the transaction
                 keys=inserts.keys,
-                args=[orjson.dumps(inserts.groups), orjson.dumps(inserts.positions), *digests],
+                args=[orjson.dumps(inserts.groups), orjson.dumps(inserts.positions), digests],
                 client=pipe,  # type: ignore[arg-type]
             )
 

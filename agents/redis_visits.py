@@ -34,13 +34,13 @@ OPEN_SHARDS: Final = 4096
 """Open-visit hashes per partition (a power of two). Changing it changes the layout."""
 
 # Fetch: KEYS[1] the meta hash, then shard hashes. ARGV[1] the due bound, ARGV[2] ``n, the key
-# indices of the n shards to scan, then per shard asked: key index, count`` (flat JSON),
-# ARGV[3...] the fields asked, shard by shard. Returns the applied offset; per scanned shard its
-# key index, the smallest due time of the entries it keeps (-1: none) and the entries due before
-# the bound (field, value, ...); then the entries asked for that were found (field, value, ...).
+# indices of the n shards to scan, then per shard asked: key index, count`` and ARGV[3] the fields
+# asked, shard by shard (JSON). Returns the applied offset; per scanned shard its key index, the
+# smallest due time of the entries it keeps (-1: none) and the entries due before the bound
+# (field, value, ...); then the entries asked for that were found (field, value, ...).
 FETCH_LUA: Final = """
 local bound = tonumber(ARGV[1])
-local plan = cjson.decode(ARGV[2])
+local plan, asked = cjson.decode(ARGV[2]), cjson.decode(ARGV[3])
 local offset = redis.call('HGET', KEYS[1], 'offset') or '-1'
 local match, tonum = string.match, tonumber
 local scans, taken = {}, {}
@@ -60,11 +60,11 @@ for i = 2, 1 + plan[1] do
   end
   scans[#scans + 1] = {k, low, due_entries}
 end
-local found, at = {}, 3
+local found, at = {}, 1
 for i = 2 + plan[1], #plan, 2 do
   local key = KEYS[plan[i]]
   for j = at, at + plan[i + 1] - 1 do
-    local f = ARGV[j]
+    local f = asked[j]
     if not taken[f] then
       local v = redis.call('HGET', key, f)
       if v then
@@ -79,22 +79,22 @@ return {offset, scans, found}
 """
 
 # Write: KEYS[1] the due index, then shard hashes. ARGV[1] per shard ``key index, shard, op, due,
-# deletes, upserts`` (flat JSON), ARGV[2...] shard by shard the fields to delete, then the fields
-# and values to set. op 0: leave the shard's bound, 1: lower it to due, 2: set it to due,
-# 3: remove the shard from the index.
+# deletes, upserts`` and ARGV[2] shard by shard the fields to delete, then the fields and values to
+# set (JSON). op 0: leave the shard's bound, 1: lower it to due, 2: set it to due, 3: remove the
+# shard from the index.
 WRITE_LUA: Final = """
-local plan = cjson.decode(ARGV[1])
-local at = 2
+local plan, strings = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
+local at = 1
 for i = 1, #plan, 6 do
   local key, shard, op, due = KEYS[plan[i]], plan[i + 1], plan[i + 2], plan[i + 3]
   local last = at + plan[i + 4] - 1
   for j = at, last, 1000 do
-    redis.call('HDEL', key, unpack(ARGV, j, math.min(j + 999, last)))
+    redis.call('HDEL', key, unpack(strings, j, math.min(j + 999, last)))
   end
   at = last + 1
   last = at + 2 * plan[i + 5] - 1
   for j = at, last, 1000 do
-    redis.call('HSET', key, unpack(ARGV, j, math.min(j + 999, last)))
+    redis.call('HSET', key, unpack(strings, j, math.min(j + 999, last)))
   end
   at = last + 1
   if op == 1 then
