@@ -18,12 +18,12 @@ from typing import Any, cast
 import faust
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from redis.asyncio import Redis
 
 from agents.consumer import BulkConsumer, BulkTransport, RecordBuffer
 from agents.kafka import Publisher
 from agents.metrics import WorkerMetrics
 from agents.processor import BatchProcessor
+from agents.redis_client import connect
 from agents.redis_store import RedisStore
 from agents.settings import Settings
 from stream.partition import Record
@@ -131,7 +131,7 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     app.records = RecordBuffer(2 * settings.batch_max_records, 2 * settings.batch_max_bytes)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    redis = connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     store = RedisStore(
         redis,
         partitions,

@@ -42,6 +42,16 @@ _LOG_TAIL_BYTES: Final = 8192
 _ANSI_RE: Final = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _BIND_FAILED_RE: Final = re.compile(r"AddrInUse|Address already in use|address in use", re.I)
 
+# Listpack limits for the store's small hashes and sets (agents.redis_visits, agents.redis_dedup):
+# room for a few hundred entries per shard and for long visit keys. Only compactness depends on
+# them, never correctness (past a limit Redis converts to a hash table). Set with CONFIG SET after
+# start, each on its own: an older redis-server on PATH that lacks one keeps its default.
+REDIS_LISTPACK_LIMITS: Final = (
+    ("hash-max-listpack-entries", "512"),
+    ("hash-max-listpack-value", "256"),
+    ("set-max-listpack-entries", "256"),
+)
+
 # Ports handed out recently by free_port(). The kernel may return the same ephemeral port to two
 # quick calls before either server has bound it; remembering the last few avoids handing the same
 # port to two servers of this process. Module-level because the race is between callers.
@@ -484,6 +494,22 @@ def _redis_binary() -> str:
         ) from exc
 
 
+def _redis_command(sock: socket.socket, *args: str) -> bytes:
+    """Send one command (RESP array) and return its reply line (a simple reply or error)."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    sock.sendall(b"".join(parts))
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        chunk = sock.recv(256)
+        if not chunk:
+            raise ConnectionError("connection closed mid-reply")
+        reply += chunk
+    return reply
+
+
 def _redis_ready(port: int, timeout_s: float) -> bool:
     """Check that a Redis server answers ``PING`` with ``+PONG`` (not ``-LOADING``)."""
     try:
@@ -557,6 +583,9 @@ class EmbeddedRedis(_ServerProcess):
             EmbeddedServerError: If the binary is missing, the port busy, or the server fails.
         """
         super().start(timeout_s)
+        with socket.create_connection((HOST, self._port), timeout=_PROBE_TIMEOUT_S) as sock:
+            for name, value in REDIS_LISTPACK_LIMITS:
+                _redis_command(sock, "CONFIG", "SET", name, value)  # an error reply is ignored
 
     def restart(self, timeout_s: float = 10.0) -> None:
         """Start again on the same port and data dir, stopping gracefully first if running.

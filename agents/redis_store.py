@@ -6,18 +6,24 @@ Key design (``P`` a partition, ``C`` a campaign; ``{...}`` is the Redis Cluster 
 key                                    holds                                            type
 =====================================  ===============================================  =======
 ``kpi:{pP}:meta``                      applied offset, watermark, newest event time,    hash
-                                       commit count (``rev``)
+                                       commit count (``rev``), layout, dedup generations
 ``kpi:{pP}:cnt``                       ``C\\x1f<counter>`` -> total                      hash
 ``kpi:{pP}:pipe``                      pipeline counters                                hash
-``kpi:{pP}:open``                      visit key -> its open visits (compact text)      hash
-``kpi:{pP}:due``                       visit keys by earliest last event time           zset
+``kpi:{pP}:open:<shard>``              visit key -> due time and open visits (text)     hash
+``kpi:{pP}:due``                       open shards by a lower bound of their due times  zset
 ``kpi:{pP}:w:<bucket_ms>:<start_ms>``  ``C\\x1f<field>`` -> closed-visit sums            hash
 ``kpi:{pP}:wb``                        window bucket keys by start (for purging)        zset
-``kpi:{pP}:seen``                      counted event ids, scored by watermark           zset
+``kpi:{pP}:seen:<gen>:<shard>``        16-byte digests of counted event ids             set
 ``kpi:{cC}:u:<kind>:<bucket_ms>:<s>``  distinct visitors / participants of a bucket     HLL
 ``kpi:{cC}:uver``                      version of the campaign's HLLs (changes on add)  string
 ``kpi:store``                          identity marker: random id and creation time     string
 =====================================  ===============================================  =======
+
+Open visits and counted ids are sharded into many small hashes and sets so that Redis keeps each
+in its compact listpack encoding: see :mod:`agents.redis_visits` (the shards, their due index and
+why a stale bound never misses a close) and :mod:`agents.redis_dedup` (the digests, their
+generations of event time and the retention they guarantee). The meta hash's ``layout`` field
+names this layout: a partition written by another one is refused (:class:`StoreLayoutError`).
 
 Every key a commit writes carries its partition's hash tag, so one ``MULTI``/``EXEC`` applies a
 batch atomically with its offset, on a single Redis or a Redis Cluster. HyperLogLogs are keyed by
@@ -43,71 +49,24 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from agents import redis_dedup, redis_visits
+from agents.redis_dedup import digests_of, format_generations, parse_generations
 from agents.redis_read import SEP, SnapshotReader
+from agents.redis_visits import Scan, ScannedShard, due_of, open_shard
 from stream.kpis import KpiSnapshot
 from stream.partition import UNIQUE_MARK, Delta, VisitNeeds
 from stream.store import PartitionSnapshot, UniqueAdds
-from stream.visits import Visit, VisitKey, decode_key, decode_visits, encode_key, encode_visits
+from stream.visits import Visit, VisitKey, decode_key, decode_visits, encode_key
 from stream.watermark import Watermark
 from stream.windows import RETENTION_MS
+
+# The layout of a partition's keys (the meta hash's ``layout`` field). The unsharded one of the
+# 0.1.0 development versions had no such field; its stores are not read (replay them instead).
+LAYOUT = "2"
 
 # Batches carry thousands of ids and members: redis-py encodes each command argument in Python,
 # so these scripts take them as ONE JSON argument and loop in Redis (cjson decodes in C).
 # ``unpack`` is chunked: Lua's stack holds a few thousand values at most.
-_SEEN_LUA = """
-local ids = cjson.decode(ARGV[1])
-local found = {}
-for i = 1, #ids do
-  if redis.call('ZSCORE', KEYS[1], ids[i]) then found[#found + 1] = i - 1 end
-end
-return found
-"""
-_REMEMBER_LUA = """
-local ids = cjson.decode(ARGV[1])
-local score = ARGV[2]
-for i = 1, #ids, 2000 do
-  local args = {}
-  for j = i, math.min(i + 1999, #ids) do
-    args[#args + 1] = score
-    args[#args + 1] = ids[j]
-  end
-  redis.call('ZADD', KEYS[1], unpack(args))
-end
-return #ids
-"""
-# Open visits: ``open`` maps a visit key to its visits, ``due`` indexes keys by their earliest
-# last event time, so a step fetches the keys it touches plus those that may close.
-_VISITS_LUA = """
-local fields = cjson.decode(ARGV[1])
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
-local taken, out = {}, {}
-local function take(f)
-  if not taken[f] then
-    taken[f] = true
-    local v = redis.call('HGET', KEYS[1], f)
-    if v then
-      out[#out + 1] = f
-      out[#out + 1] = v
-    end
-  end
-end
-for i = 1, #fields do take(fields[i]) end
-for i = 1, #due do take(due[i]) end
-return out
-"""
-_WRITE_VISITS_LUA = """
-local up = cjson.decode(ARGV[1])
-for i = 1, #up do
-  redis.call('HSET', KEYS[1], up[i][1], up[i][2])
-  redis.call('ZADD', KEYS[2], up[i][3], up[i][1])
-end
-local gone = cjson.decode(ARGV[2])
-for i = 1, #gone do
-  redis.call('HDEL', KEYS[1], gone[i])
-  redis.call('ZREM', KEYS[2], gone[i])
-end
-return #up
-"""
 # KEYS: a campaign's HyperLogLogs, then its distinct-count version (see agents.redis_read),
 # incremented only when an add changed a HyperLogLog: a replay's re-adds change nothing, so they
 # leave every cached count valid. The version lives as long as the longest-lived of them.
@@ -127,6 +86,17 @@ if changed > 0 then redis.call('INCR', version) end
 redis.call('EXPIRE', version, ARGV[2])
 return changed
 """
+
+
+def _text(value: object) -> str:
+    """A reply's bytes as text (``None``: empty)."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class StoreLayoutError(Exception):
+    """A partition's keys were written by another store layout: they cannot be read as this one."""
 
 
 class RedisStore:
@@ -156,11 +126,15 @@ class RedisStore:
         self.prefix = prefix
         self.unique_ttl_s = unique_ttl_s
         self._reader = SnapshotReader(redis, partitions, self, read_cache_max_age_s, clock)
-        self._seen_script = redis.register_script(_SEEN_LUA)
-        self._remember_script = redis.register_script(_REMEMBER_LUA)
+        self._lookup_script = redis.register_script(redis_dedup.LOOKUP_LUA)
+        self._insert_script = redis.register_script(redis_dedup.INSERT_LUA)
         self._pfadd_script = redis.register_script(_PFADD_LUA)
-        self._visits_script = redis.register_script(_VISITS_LUA)
-        self._write_visits_script = redis.register_script(_WRITE_VISITS_LUA)
+        self._fetch_script = redis.register_script(redis_visits.FETCH_LUA)
+        self._write_visits_script = redis.register_script(redis_visits.WRITE_LUA)
+        # Per partition, what the last commit (or read) found of the dedup generations, and the
+        # last fetch's view of the due shards for the next commit (see agents.redis_visits).
+        self._generations: dict[int, str] = {}
+        self._scans: dict[int, Scan] = {}
 
     def key(self, partition: int, name: str) -> str:
         """A key of one partition's state."""
@@ -190,32 +164,89 @@ class RedisStore:
         meta = await self.redis.hgetall(self.key(partition, "meta"))
         if not meta:
             return PartitionSnapshot()
+        if meta.get(b"layout") != LAYOUT.encode():
+            raise StoreLayoutError(
+                f"partition {partition} under prefix {self.prefix!r} was written by another "
+                "store layout: rebuild the KPIs by a replay into a new KPI_REDIS_PREFIX "
+                "(docs/reliability.md)"
+            )
         watermark = Watermark(
             watermark_ms=int(meta[b"watermark_ms"]),
             newest_event_ms=int(meta[b"newest_event_ms"]),
             anchor_ms=int(meta[b"watermark_ms"]),
         )
         open_visits = int(meta.get(b"open_visits", 0))
+        self._generations[partition] = _text(meta.get(b"seen"))
         return PartitionSnapshot(int(meta[b"offset"]), watermark, {}, open_visits)
 
     async def visits(self, partition: int, needs: VisitNeeds) -> dict[VisitKey, list[Visit]]:
-        fields = orjson.dumps(sorted({encode_key(k) for k in needs.keys}))
-        flat = await self._visits_script(
-            keys=[self.key(partition, "open"), self.key(partition, "due")],
-            args=[fields, needs.last_before_ms],
+        # 1. The shards whose bound says they may hold a visit to close (their keys must be
+        #    named in the script's KEYS, so this is a round trip of its own).
+        due = await self.redis.zrangebyscore(
+            self.key(partition, "due"), "-inf", f"({needs.last_before_ms}"
         )
-        return {
-            decode_key(flat[i].decode()): decode_visits(flat[i + 1].decode())
-            for i in range(0, len(flat), 2)
-        }
+        # 2. One script: those shards' due entries, and the entries of the keys asked for.
+        keys = [self.key(partition, "meta")]
+        index: dict[int, int] = {}
+        for s in due:
+            shard = int(_text(s))
+            keys.append(self.key(partition, f"open:{shard}"))
+            index[shard] = len(keys)
+        plan = [len(index), *index.values()]
+        wanted: defaultdict[int, list[str]] = defaultdict(list)
+        for field in {encode_key(k) for k in needs.keys}:
+            wanted[open_shard(field)].append(field)
+        if not index and not wanted:
+            self._scans.pop(partition, None)  # nothing scanned: the commit only lowers bounds
+            return {}
+        fields: list[str] = []
+        for shard, some in wanted.items():
+            i = index.get(shard)
+            if i is None:
+                keys.append(self.key(partition, f"open:{shard}"))
+                i = index[shard] = len(keys)
+            plan += (i, len(some))
+            fields += some
+        args: list[int | bytes] = [needs.last_before_ms, orjson.dumps(plan), orjson.dumps(fields)]
+        del wanted, fields  # big for big batches: only their JSON waits for the reply
+        offset, scans, found = await self._fetch_script(keys=keys, args=args)
+        shard_at = {i: shard for shard, i in index.items()}
+        scan = Scan(int(offset))
+        out: dict[VisitKey, list[Visit]] = {}
+        for i, low, entries in scans:
+            seen = scan.shards[shard_at[i]] = ScannedShard(None if low < 0 else low)
+            for j in range(0, len(entries), 2):
+                field, value = entries[j].decode(), entries[j + 1].decode()
+                seen.returned[field] = due_of(value)
+                out[decode_key(field)] = decode_visits(value)
+        for j in range(0, len(found), 2):
+            out[decode_key(found[j].decode())] = decode_visits(found[j + 1].decode())
+        self._scans[partition] = scan
+        return out
 
     async def seen(self, partition: int, event_ids: Sequence[str]) -> set[str]:
         if not event_ids:
             return set()
-        found = await self._seen_script(
-            keys=[self.key(partition, "seen")], args=[orjson.dumps(list(event_ids))]
-        )
-        return {event_ids[i] for i in found}
+        meta = self.key(partition, "meta")
+        digests = digests_of(event_ids)
+        for _ in range(3):
+            text = self._generations.get(partition)
+            if text is None:
+                stored = await self.redis.hget(meta, "seen")
+                text = self._generations[partition] = _text(stored)
+            plan = redis_dedup.lookup_plan(
+                self.key(partition, "seen:"), parse_generations(text), digests
+            )
+            keys = [meta, *plan.keys]
+            args: list[str | bytes] = [text, orjson.dumps(plan.groups)]
+            args += (orjson.dumps(plan.positions), digests)
+            del plan  # its lists are big; what the script needs is in keys and args
+            found = await self._lookup_script(keys=keys, args=args)
+            if found is not None:
+                return {event_ids[i] for i in found}
+            # The stored generations are not the ones assumed: another worker committed.
+            self._generations.pop(partition, None)
+        raise RuntimeError(f"partition {partition}: dedup generations keep changing; retrying")
 
     async def add_uniques(self, uniques: UniqueAdds) -> None:
         if not uniques:
@@ -240,25 +271,43 @@ class RedisStore:
         meta = self.key(p, "meta")
         buckets_index = self.key(p, "wb")
         oldest_bucket_ms = delta.watermark.newest_event_ms - RETENTION_MS
+        scan = self._scans.pop(p, None)
+        digests = digests_of(delta.seen)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 await pipe.watch(meta)
-                stored = await pipe.hget(meta, "offset")
+                stored, generations = await pipe.hmget(meta, ["offset", "seen"])
                 if (int(stored) if stored is not None else -1) != expected_offset:
                     return False
                 expired = await pipe.zrangebyscore(buckets_index, "-inf", f"({oldest_bucket_ms}")
+                roll = redis_dedup.advance(
+                    parse_generations(generations),
+                    delta.watermark.watermark_ms,
+                    dedup_retention_ms,
+                    len(delta.seen),
+                )
+                # The fetch's view of the due shards holds only if nothing was committed since.
+                valid_scan = scan if scan is not None and scan.offset == expected_offset else None
                 pipe.multi()  # type: ignore[no-untyped-call]
-                await self._write(pipe, delta, dedup_retention_ms)
+                await self._write(pipe, delta, roll, valid_scan, digests)
                 if expired:
                     pipe.delete(*expired)
                     pipe.zrem(buckets_index, *expired)
                 await pipe.execute()
         except WatchError:
             return False
+        self._generations[p] = format_generations(roll.generations)
         return True
 
-    async def _write(self, pipe: object, delta: Delta, dedup_retention_ms: int) -> None:
-        """Queue the writes of ``delta`` on a ``MULTI`` pipeline."""
+    async def _write(
+        self,
+        pipe: object,
+        delta: Delta,
+        roll: redis_dedup.Roll,
+        scan: Scan | None,
+        digests: bytes,
+    ) -> None:
+        """Queue the writes of ``delta`` on a ``MULTI`` pipeline; ``digests`` of ``delta.seen``."""
         p = delta.partition
         wm = delta.watermark
         # ``rev`` changes with every commit: readers cache a partition while its meta is the same.
@@ -270,6 +319,8 @@ class RedisStore:
                 "watermark_ms": wm.watermark_ms,
                 "newest_event_ms": wm.newest_event_ms,
                 "open_visits": delta.open_visits,
+                "layout": LAYOUT,
+                "seen": format_generations(roll.generations),
             },
         )
         counters = self.key(p, "cnt")
@@ -291,29 +342,23 @@ class RedisStore:
                 else:
                     pipe.hincrby(key, field, increment)  # type: ignore[attr-defined]
             pipe.zadd(self.key(p, "wb"), {key: start_ms})  # type: ignore[attr-defined]
-        if delta.visits:
-            upserts, gone = [], []
-            for visit_key, visits in delta.visits.items():
-                field = encode_key(visit_key)
-                if visits is None:
-                    gone.append(field)
-                else:
-                    earliest_last = str(min(v.last_ms for v in visits))
-                    upserts.append((field, encode_visits(visits), earliest_last))
+        writes = redis_visits.write_plan(delta.visits, scan)
+        if writes.shards:
             await self._write_visits_script(  # queued on the MULTI pipeline: in the transaction
-                keys=[self.key(p, "open"), self.key(p, "due")],
-                args=[orjson.dumps(upserts), orjson.dumps(gone)],
+                keys=[self.key(p, "due"), *(self.key(p, f"open:{s}") for s in writes.shards)],
+                args=[orjson.dumps(writes.steps), orjson.dumps(writes.strings)],
                 client=pipe,  # type: ignore[arg-type]
             )
-        seen = self.key(p, "seen")
-        if delta.seen:
-            await self._remember_script(  # queued on the MULTI pipeline: in the transaction
-                keys=[seen],
-                args=[orjson.dumps(delta.seen), wm.watermark_ms],
+        seen_prefix = self.key(p, "seen:")
+        for generation in roll.dropped:
+            pipe.unlink(*redis_dedup.generation_keys(seen_prefix, generation))  # type: ignore[attr-defined]
+        if digests and roll.target is not None:
+            inserts = redis_dedup.insert_plan(seen_prefix, roll.target, digests)
+            await self._insert_script(  # queued on the MULTI pipeline: in the transaction
+                keys=inserts.keys,
+                args=[orjson.dumps(inserts.groups), orjson.dumps(inserts.positions), digests],
                 client=pipe,  # type: ignore[arg-type]
             )
-        horizon = wm.watermark_ms - dedup_retention_ms
-        pipe.zremrangebyscore(seen, "-inf", f"({horizon}")  # type: ignore[attr-defined]
 
     async def read(self) -> KpiSnapshot:
         return await self._reader.read()

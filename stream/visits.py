@@ -69,19 +69,27 @@ def decode_key(field: str) -> VisitKey:
 
 
 def encode_visits(visits: list[Visit]) -> str:
-    """Open visits as compact text: ``first,duration,page_views,interactions,events;...``."""
+    """Open visits as compact text: ``last,duration,page_views,interactions,events;...``.
+
+    Ordered by last event time, so the text starts with the earliest one: the time after which
+    (plus the gap) one of these visits may close. The store reads that number without decoding
+    the rest (times in epoch ms, durations in ms).
+    """
+    if len(visits) == 1:  # nearly always: one open visit per key
+        v = visits[0]
+        return f"{v.last_ms},{v.last_ms - v.first_ms},{v.page_views},{v.interactions},{v.events}"
     return ";".join(
-        f"{v.first_ms},{v.last_ms - v.first_ms},{v.page_views},{v.interactions},{v.events}"
-        for v in visits
+        f"{v.last_ms},{v.last_ms - v.first_ms},{v.page_views},{v.interactions},{v.events}"
+        for v in sorted(visits, key=lambda v: v.last_ms)
     )
 
 
 def decode_visits(text: str) -> list[Visit]:
-    """Inverse of :func:`encode_visits`."""
+    """Inverse of :func:`encode_visits` (the visits in the text's order)."""
     visits = []
     for part in text.split(";"):
-        first, duration, page_views, interactions, events = map(int, part.split(","))
-        visits.append(Visit(first, first + duration, page_views, interactions, events))
+        last, duration, page_views, interactions, events = map(int, part.split(","))
+        visits.append(Visit(last - duration, last, page_views, interactions, events))
     return visits
 
 

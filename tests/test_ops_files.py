@@ -22,6 +22,8 @@ import pytest
 import yaml
 from jsonschema.validators import validator_for
 
+from agents.embedded import REDIS_LISTPACK_LIMITS
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 COMPOSE_SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"
@@ -254,6 +256,14 @@ def test_worker_defaults_match_the_contract(services: dict[str, dict[str, Any]])
     assert env["KPI_KAFKA_BOOTSTRAP"] == "kafka:9092"
     assert env["KPI_REDIS_URL"] == "redis://redis:6379/0"
     assert env["KPI_WEB_HOST"] == "0.0.0.0"
+
+
+def test_compose_redis_has_the_embedded_listpack_limits(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    command = services["redis"]["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=False))
+    assert {f"--{name}": value for name, value in REDIS_LISTPACK_LIMITS}.items() <= options.items()
 
 
 def test_worker_is_replicated_without_a_host_port(services: dict[str, dict[str, Any]]) -> None:

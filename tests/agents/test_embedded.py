@@ -156,6 +156,24 @@ def test_redis_kill_and_restart_keep_an_aof_write(tmp_path: Path) -> None:
     assert (data_dir / "appendonlydir").is_dir()  # a data dir the caller gave is kept
 
 
+def test_redis_listpack_limits_are_set_at_start_and_restart(tmp_path: Path) -> None:
+    server = EmbeddedRedis(data_dir=tmp_path / "redis")
+    server.start()
+    try:
+        for _ in range(2):
+            client = redis.Redis.from_url(server.url)
+            try:
+                settings = client.config_get("*-max-listpack-*")
+            finally:
+                client.close()
+            assert {k: settings[k] for k, _ in embedded.REDIS_LISTPACK_LIMITS} == dict(
+                embedded.REDIS_LISTPACK_LIMITS
+            )
+            server.restart()
+    finally:
+        server.stop()
+
+
 def test_redis_rejects_unknown_appendfsync() -> None:
     with pytest.raises(ValueError, match="appendfsync"):
         EmbeddedRedis(appendfsync="sometimes")

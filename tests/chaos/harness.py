@@ -8,8 +8,9 @@ crashes, outages and rebalances must then show exactly the same thing:
 - every store-derived sample of ``/metrics`` (counters, window gauges, pipeline totals,
   watermarks, open visits) equals the truth's, exactly: the truth's distinct counts are exact sets,
   turned into the estimates Redis's HyperLogLog gives for those very sets;
-- per partition, the stored counters equal the truth's, and the set of counted event ids equals
-  the set of valid events of that partition: none lost, none counted twice (the validating sink).
+- per partition, the stored counters equal the truth's, and the counted event ids (their stored
+  digests) are exactly the valid events of that partition: none lost, none unknown, none
+  remembered twice (the validating sink).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agents.metrics import StoreCollector
+from agents.redis_dedup import digest, generation_keys, parse_generations
 from agents.simulator import Simulator
 from stream.partition import Limits, PartitionState, Record, candidate_ids, decode
 from stream.partitioner import partition_for
@@ -159,15 +161,21 @@ def mismatches(expected: Samples, actual: Samples) -> list[str]:
     return sorted(out)
 
 
-def partition_state(url: str, prefix: str, partition: int) -> tuple[dict[str, int], set[str]]:
-    """A partition's stored counters and counted event ids, read straight from Redis."""
+def partition_state(url: str, prefix: str, partition: int) -> tuple[dict[str, int], list[bytes]]:
+    """A partition's stored counters and counted event ids' digests (one per generation that
+    holds it, so an id counted twice shows twice), read straight from Redis."""
     client = redis.Redis.from_url(url)
     try:
         counters = client.hgetall(f"{prefix}:{{p{partition}}}:cnt")
-        seen = client.zrange(f"{prefix}:{{p{partition}}}:seen", 0, -1)
+        generations = parse_generations(client.hget(f"{prefix}:{{p{partition}}}:meta", "seen"))
+        pipe = client.pipeline(transaction=False)
+        for generation in generations:
+            for key in generation_keys(f"{prefix}:{{p{partition}}}:seen:", generation):
+                pipe.smembers(key)
+        seen = [d for members in pipe.execute() for d in members]
     finally:
         client.close()
-    return {k.decode(): int(v) for k, v in counters.items()}, {s.decode() for s in seen}
+    return {k.decode(): int(v) for k, v in counters.items()}, seen
 
 
 def assert_exact(
@@ -214,10 +222,12 @@ def assert_exact(
             if value
         }
         assert {k: v for k, v in counters.items() if v} == want_counters, f"partition {partition}"
-        want_seen = set(store.seen_ids.get(partition, {}))
-        lost, twice = want_seen - seen, seen - want_seen
-        assert not lost and not twice, (
-            f"partition {partition}: {len(lost)} events lost, {len(twice)} unknown ids counted"
+        want_seen = {digest(i) for i in store.seen_ids.get(partition, {})}
+        lost, unknown = want_seen - set(seen), set(seen) - want_seen
+        twice = len(seen) - len(set(seen))
+        assert not lost and not unknown and not twice, (
+            f"partition {partition}: {len(lost)} events lost, {len(unknown)} unknown ids "
+            f"counted, {twice} ids remembered twice"
         )
     assert total_records > 0
     return actual

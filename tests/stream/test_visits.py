@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream.events import EventType
-from stream.visits import ClosedVisit, Visit, VisitTracker
+from stream.visits import (
+    ClosedVisit,
+    Visit,
+    VisitTracker,
+    decode_key,
+    decode_visits,
+    encode_key,
+    encode_visits,
+)
 
 GAP = 1_000
 PV, IA, PA, SH = (
@@ -163,6 +171,40 @@ def test_pack_is_plain_json_integers() -> None:
     assert all(type(x) is int for x in packed)  # no bools: stored as JSON numbers
     assert orjson.dumps(packed) == b"[7,7,1,0,1]"
     assert Visit.unpack(orjson.loads(orjson.dumps(packed))) == visit
+
+
+@pytest.mark.parametrize(
+    ("visits", "text"),
+    [
+        # last,duration,page_views,interactions,events per visit; the earliest last first.
+        pytest.param([Visit(7, 7, 1, 0, 1)], "7,0,1,0,1", id="a bounce"),
+        pytest.param([Visit(100, 2500, 2, 3, 6)], "2500,2400,2,3,6", id="a long visit"),
+        pytest.param(
+            [Visit(10_000, 10_000, 1, 0, 1), Visit(0, 400, 1, 1, 2)],
+            "400,400,1,1,2;10000,0,1,0,1",
+            id="two, by last event time",
+        ),
+        pytest.param(
+            [Visit(0, 9000, 1, 0, 1), Visit(5000, 6000, 1, 0, 1)],
+            "6000,1000,1,0,1;9000,9000,1,0,1",
+            id="the later-starting one ends first",
+        ),
+    ],
+)
+def test_stored_text_starts_with_the_earliest_last_event_time(
+    visits: list[Visit], text: str
+) -> None:
+    assert encode_visits(visits) == text
+    assert sorted(decode_visits(text), key=lambda v: v.first_ms) == sorted(
+        visits, key=lambda v: v.first_ms
+    )
+    assert int(text.split(",", 1)[0]) == min(v.last_ms for v in visits)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20))
+def test_visit_keys_round_trip(campaign: str, visitor: str) -> None:
+    assert decode_key(encode_key((campaign, visitor))) == (campaign, visitor)
 
 
 def test_load_restores_open_visits_and_their_deadlines() -> None:

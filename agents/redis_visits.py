@@ -1,0 +1,218 @@
+"""Open visits in Redis: small hashes with the due time in front of each value, and a shard index.
+
+A partition's open visits are spread over :data:`OPEN_SHARDS` hashes ``kpi:{pP}:open:<shard>``
+by a CRC-32 of their visit key (:func:`open_shard`), so that each stays small enough for Redis's
+compact listpack encoding (about 45 bytes per visit instead of about 85 in one big hash table).
+A value is :func:`stream.visits.encode_visits`'s text, which starts with the earliest last event
+time of the key's visits: its *due* time (a visit may close once the watermark passes due + gap).
+
+The sorted set ``kpi:{pP}:due`` scores each shard with a **lower bound** of its entries' due times,
+so that a step fetches only shards that may hold a visit to close, and in them only those entries
+(the script filters a shard's values by their due prefix). The invariant is that a shard's bound
+is never above the due time of any of its entries; a bound below them only costs an extra scan:
+
+- writing an entry lowers its shard's bound to the entry's due time if that is lower
+  (``ZADD LT``), so a write never leaves a due time below its bound;
+- a scan reports, per shard, the smallest due time of the entries it did not return, and the
+  partition's applied offset. The commit that follows sets the shard's bound to the smallest due
+  time of: those entries, the returned ones it did not rewrite or delete, and the ones it writes
+  (or removes the shard from the index when nothing is left). It does so only when the stored
+  offset is still the scanned one (checked under the commit's ``WATCH``), i.e. nothing else was
+  committed to the partition in between; otherwise the bound is only lowered, as for any write.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from stream.visits import Visit, VisitKey, encode_key, encode_visits
+
+OPEN_SHARDS: Final = 4096
+"""Open-visit hashes per partition (a power of two). Changing it changes the layout."""
+
+# Fetch: KEYS[1] the meta hash, then shard hashes. ARGV[1] the due bound, ARGV[2] ``n, the key
+# indices of the n shards to scan, then per shard asked: key index, count`` and ARGV[3] the fields
+# asked, shard by shard (JSON). Returns the applied offset; per scanned shard its key index, the
+# smallest due time of the entries it keeps (-1: none) and the entries due before the bound
+# (field, value, ...); then the entries asked for that were found (field, value, ...).
+FETCH_LUA: Final = """
+local bound = tonumber(ARGV[1])
+local plan, asked = cjson.decode(ARGV[2]), cjson.decode(ARGV[3])
+local offset = redis.call('HGET', KEYS[1], 'offset') or '-1'
+local match, tonum = string.match, tonumber
+local scans, taken = {}, {}
+for i = 2, 1 + plan[1] do
+  local k = plan[i]
+  local all = redis.call('HGETALL', KEYS[k])
+  local low, due_entries = -1, {}
+  for j = 1, #all, 2 do
+    local due = tonum(match(all[j + 1], '^%d+'))
+    if due < bound then
+      due_entries[#due_entries + 1] = all[j]
+      due_entries[#due_entries + 1] = all[j + 1]
+      taken[all[j]] = true
+    elseif low < 0 or due < low then
+      low = due
+    end
+  end
+  scans[#scans + 1] = {k, low, due_entries}
+end
+local found, at = {}, 1
+for i = 2 + plan[1], #plan, 2 do
+  local key = KEYS[plan[i]]
+  for j = at, at + plan[i + 1] - 1 do
+    local f = asked[j]
+    if not taken[f] then
+      local v = redis.call('HGET', key, f)
+      if v then
+        found[#found + 1] = f
+        found[#found + 1] = v
+      end
+    end
+  end
+  at = at + plan[i + 1]
+end
+return {offset, scans, found}
+"""
+
+# Write: KEYS[1] the due index, then shard hashes. ARGV[1] per shard ``key index, shard, op, due,
+# deletes, upserts`` and ARGV[2] shard by shard the fields to delete, then the fields and values to
+# set (JSON). op 0: leave the shard's bound, 1: lower it to due, 2: set it to due, 3: remove the
+# shard from the index.
+WRITE_LUA: Final = """
+local plan, strings = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
+local at = 1
+for i = 1, #plan, 6 do
+  local key, shard, op, due = KEYS[plan[i]], plan[i + 1], plan[i + 2], plan[i + 3]
+  local last = at + plan[i + 4] - 1
+  for j = at, last, 1000 do
+    redis.call('HDEL', key, unpack(strings, j, math.min(j + 999, last)))
+  end
+  at = last + 1
+  last = at + 2 * plan[i + 5] - 1
+  for j = at, last, 1000 do
+    redis.call('HSET', key, unpack(strings, j, math.min(j + 999, last)))
+  end
+  at = last + 1
+  if op == 1 then
+    redis.call('ZADD', KEYS[1], 'LT', due, shard)
+  elseif op == 2 then
+    redis.call('ZADD', KEYS[1], due, shard)
+  elseif op == 3 then
+    redis.call('ZREM', KEYS[1], shard)
+  end
+end
+return #plan / 6
+"""
+
+LOWER, SET, REMOVE = 1, 2, 3
+
+
+def open_shard(field_: str) -> int:
+    """The shard of an encoded visit key (CRC-32 of its UTF-8: stable across processes)."""
+    return zlib.crc32(field_.encode()) & (OPEN_SHARDS - 1)
+
+
+def due_of(value: str) -> int:
+    """The due time at the front of a stored value (see :func:`stream.visits.encode_visits`)."""
+    end = value.find(",")
+    return int(value[:end] if end >= 0 else value)
+
+
+@dataclass(slots=True)
+class ScannedShard:
+    """What a fetch saw of one due shard.
+
+    Attributes:
+        kept_low_ms: The smallest due time of its entries not returned, ``None``: none.
+        returned: The entries returned as due: field -> due time.
+    """
+
+    kept_low_ms: int | None
+    returned: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Scan:
+    """A fetch's view of the due shards, for the commit after it to raise their bounds.
+
+    Attributes:
+        offset: The partition's applied offset when fetched.
+        shards: Scanned shard -> what was seen.
+    """
+
+    offset: int
+    shards: dict[int, ScannedShard] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class WritePlan:
+    """The arguments of :data:`WRITE_LUA` but the keys' names.
+
+    Attributes:
+        shards: The shards written, in the order of their keys (``KEYS[2]`` onwards).
+        steps: Per shard ``key index, shard, op, due, deletes, upserts`` (flat).
+        strings: Shard by shard, the fields to delete, then the fields and values to set.
+    """
+
+    shards: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    strings: list[str] = field(default_factory=list)
+
+    def add(self, shard: int, op: int, due: int, gone: list[str], up: list[str]) -> None:
+        """One shard's writes; ``due`` is its new bound (op :data:`LOWER` or :data:`SET`)."""
+        self.shards.append(shard)
+        self.steps += (len(self.shards) + 1, shard, op, due, len(gone), len(up) // 2)
+        self.strings += gone
+        self.strings += up
+
+
+def write_plan(changed: Mapping[VisitKey, list[Visit] | None], scan: Scan | None) -> WritePlan:
+    """The writes of a commit's open visits and the new bounds of their shards.
+
+    Args:
+        changed: The commit's open visits (``None``: the key has none left).
+        scan: The fetch made for this commit, when still valid (its offset is the stored one);
+            ``None`` only lowers bounds.
+    """
+    gone: dict[int, list[str]] = {}
+    up: dict[int, list[str]] = {}
+    low: dict[int, int] = {}  # per shard, the smallest due time written
+    changed_fields = set()
+    for visit_key, visits in changed.items():
+        field_ = encode_key(visit_key)
+        changed_fields.add(field_)
+        shard = open_shard(field_)
+        if visits is None:
+            fields = gone.get(shard)
+            if fields is None:
+                gone[shard] = [field_]
+            else:
+                fields.append(field_)
+            continue
+        pairs = up.get(shard)
+        if pairs is None:
+            up[shard] = [field_, encode_visits(visits)]
+        else:
+            pairs += (field_, encode_visits(visits))
+        due = visits[0].last_ms if len(visits) == 1 else min(v.last_ms for v in visits)
+        if due < low.get(shard, due + 1):
+            low[shard] = due
+    plan = WritePlan()
+    scanned = scan.shards if scan is not None else {}
+    for shard, seen in scanned.items():
+        lows = [due for f, due in seen.returned.items() if f not in changed_fields]
+        if seen.kept_low_ms is not None:
+            lows.append(seen.kept_low_ms)
+        if shard in low:
+            lows.append(low[shard])
+        op, due = (SET, min(lows)) if lows else (REMOVE, 0)
+        plan.add(shard, op, due, gone.pop(shard, []), up.pop(shard, []))
+    for shard, pairs in up.items():
+        plan.add(shard, LOWER, low[shard], gone.pop(shard, []), pairs)
+    for shard, fields in gone.items():
+        plan.add(shard, 0, 0, fields, [])
+    return plan

@@ -1,0 +1,288 @@
+"""Tests of :mod:`agents.redis_visits`: open visits in small hashes, and the shards' due bounds.
+
+The bound rules are checked on :func:`write_plan` (table rows); the shards, their bounds and the
+never-missed close in Redis through :class:`RedisStore` against the session's real server, with
+few shards so that shards hold many visits; and a random event stream applied through the Redis
+store must give exactly what it gives through the in-memory store.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from agents import redis_visits
+from agents.embedded import EmbeddedRedis
+from agents.redis_store import RedisStore, StoreLayoutError
+from agents.redis_visits import (
+    LOWER,
+    REMOVE,
+    SET,
+    Scan,
+    ScannedShard,
+    due_of,
+    open_shard,
+    write_plan,
+)
+from stream.partition import (
+    Delta,
+    Limits,
+    PartitionState,
+    Record,
+    VisitNeeds,
+    candidate_ids,
+    decode,
+)
+from stream.store import MemoryStore, Store
+from stream.visits import Visit, VisitKey, encode_key, encode_visits
+from stream.watermark import Watermark
+
+SHARDS = 4  # few shards: many visits per shard, as at scale
+
+
+@pytest.fixture
+def few_shards(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(redis_visits, "OPEN_SHARDS", SHARDS)
+    yield
+
+
+@pytest.fixture
+async def store(redis_server: EmbeddedRedis, few_shards: None) -> AsyncIterator[RedisStore]:
+    client = Redis.from_url(redis_server.url)
+    try:
+        yield RedisStore(client, partitions=1, prefix=f"t{uuid.uuid4().hex[:8]}")
+    finally:
+        await client.aclose()
+
+
+def key_in(shard: int, n: int = 0) -> VisitKey:
+    """The ``n``-th visit key (in a fixed order) that falls in ``shard``."""
+    found = [k for i in range(1000) if open_shard(encode_key(k := ("c", f"v{i}"))) == shard]
+    return found[n]
+
+
+def one(last_ms: int, first_ms: int | None = None) -> list[Visit]:
+    return [Visit(last_ms if first_ms is None else first_ms, last_ms, 1, 0, 1)]
+
+
+# --- The plan, as arithmetic -----------------------------------------------------------------
+
+
+def steps(plan: redis_visits.WritePlan) -> dict[int, tuple[int, int]]:
+    """Shard -> (op, bound) of a plan."""
+    s = plan.steps
+    return {s[i + 1]: (s[i + 2], s[i + 3]) for i in range(0, len(s), 6)}
+
+
+def test_writes_lower_their_shards_bound_and_deletes_alone_leave_it(few_shards: None) -> None:
+    a, b, c = key_in(0), key_in(0, 1), key_in(1)
+    plan = write_plan({a: one(500), b: one(300), c: None}, scan=None)
+    assert steps(plan) == {0: (LOWER, 300), 1: (0, 0)}
+    assert plan.strings.count(encode_key(c)) == 1
+
+
+@pytest.mark.parametrize(
+    ("kept_low", "returned", "changed", "bound"),
+    [
+        # Shard 0 was scanned: entries kept (their smallest due), entries returned as due.
+        pytest.param(900, {}, {}, (SET, 900), id="raised to the smallest kept"),
+        pytest.param(900, {"x": 100}, {}, (SET, 100), id="a returned entry left alone holds it"),
+        pytest.param(900, {"x": 100}, {"x": None}, (SET, 900), id="a closed one does not"),
+        pytest.param(900, {"x": 100}, {"x": 950}, (SET, 900), id="rewritten: its new due counts"),
+        pytest.param(900, {"x": 100}, {"x": 700}, (SET, 700), id="rewritten lower than kept"),
+        pytest.param(None, {"x": 100}, {"x": None}, (REMOVE, 0), id="nothing left: removed"),
+        pytest.param(None, {}, {"y": 50}, (SET, 50), id="a new entry in a scanned shard"),
+    ],
+)
+def test_a_scanned_shards_bound(
+    few_shards: None,
+    kept_low: int | None,
+    returned: dict[str, int],
+    changed: dict[str, int | None],
+    bound: tuple[int, int],
+) -> None:
+    keys = {"x": key_in(0), "y": key_in(0, 1)}
+    scan = Scan(
+        7, {0: ScannedShard(kept_low, {encode_key(keys[f]): d for f, d in returned.items()})}
+    )
+    delta = {keys[f]: (None if d is None else one(d)) for f, d in changed.items()}
+    assert steps(write_plan(delta, scan))[0] == bound
+
+
+def test_due_of_reads_the_front_of_a_value() -> None:
+    visits = [Visit(10, 400, 1, 0, 1), Visit(1000, 1200, 2, 1, 3)]
+    assert due_of(encode_visits(visits)) == 400
+    assert due_of(encode_visits(list(reversed(visits)))) == 400
+
+
+# --- In Redis ----------------------------------------------------------------------------------
+
+
+async def put(
+    store: RedisStore, visits: dict[VisitKey, list[Visit] | None], fetch_first: int | None = None
+) -> None:
+    """Commit open-visit changes on partition 0 (after a fetch of due < ``fetch_first``)."""
+    snapshot = await store.load(0)
+    if fetch_first is not None:
+        await store.visits(0, VisitNeeds([], fetch_first))
+    delta = Delta(0, snapshot.offset + 1, Watermark(0, 0))
+    delta.visits = visits
+    assert await store.commit(delta, snapshot.offset, 86_400_000)
+
+
+async def bound(store: RedisStore, shard: int) -> float | None:
+    return await store.redis.zscore(store.key(0, "due"), shard)  # type: ignore[no-any-return]
+
+
+async def test_shards_hold_their_keys_compactly_and_fetches_cross_them(store: RedisStore) -> None:
+    keys = [("c", f"v{i}") for i in range(200)]
+    await put(store, {k: one(1000 + i) for i, k in enumerate(keys)})
+    for shard in range(SHARDS):
+        key = store.key(0, f"open:{shard}")
+        fields = {f.decode() for f in await store.redis.hkeys(key)}
+        assert fields == {encode_key(k) for k in keys if open_shard(encode_key(k)) == shard}
+        assert await store.redis.object("encoding", key) == b"listpack"
+        low = min(1000 + i for i, k in enumerate(keys) if open_shard(encode_key(k)) == shard)
+        assert await bound(store, shard) == low
+    asked = [*keys[::9], ("c", "nobody")]
+    got = await store.visits(0, VisitNeeds(asked, 0))
+    assert got == {k: one(1000 + keys.index(k)) for k in keys[::9]}
+    due = await store.visits(0, VisitNeeds([], 1050))  # due strictly before 1050
+    assert due == {k: one(1000 + i) for i, k in enumerate(keys) if 1000 + i < 1050}
+
+
+async def test_a_stale_bound_costs_a_scan_never_a_close(store: RedisStore) -> None:
+    a, b = key_in(0), key_in(0, 1)
+    await put(store, {a: one(100), b: one(500)})
+    await put(store, {a: one(900, 100)})  # a moves on; no scan: the bound stays 100 (stale)
+    assert await bound(store, 0) == 100
+    await store.redis.zadd(store.key(0, "due"), {"0": 1})  # staler still, by hand
+    assert await store.visits(0, VisitNeeds([], 200)) == {}  # scanned: nothing due yet
+    await put(store, {})  # the commit after the scan raises the bound to what is there
+    assert await bound(store, 0) == 500
+    assert await store.visits(0, VisitNeeds([], 600)) == {b: one(500)}
+    assert await store.visits(0, VisitNeeds([], 1000)) == {a: one(900, 100), b: one(500)}
+
+
+async def test_a_due_visit_left_open_keeps_its_shard_due(store: RedisStore) -> None:
+    """A fetched due visit the step neither closes nor rewrites (a forwarded or duplicate event
+    moved the bound, not the watermark) is still found by the next fetch."""
+    a, b = key_in(0), key_in(0, 1)
+    await put(store, {a: one(100), b: one(500)})
+    await put(store, {}, fetch_first=200)  # a fetched as due, left alone
+    assert await bound(store, 0) == 100
+    assert await store.visits(0, VisitNeeds([], 200)) == {a: one(100)}
+
+
+async def test_a_shard_closed_empty_leaves_the_index(store: RedisStore) -> None:
+    a = key_in(2)
+    await put(store, {a: one(100)})
+    await put(store, {a: None}, fetch_first=200)
+    assert await bound(store, 2) is None
+    assert not await store.redis.exists(store.key(0, "open:2"))
+
+
+async def test_a_scan_older_than_the_stored_offset_only_lowers_bounds(
+    redis_server: EmbeddedRedis, store: RedisStore
+) -> None:
+    """A fetch, then another worker's commit, then a commit without a new fetch: the old scan
+    (shard 0 held only ``a``) must not drop the shard from the index once ``a`` is closed, since
+    the other worker wrote ``b`` there."""
+    a, b = key_in(0), key_in(0, 1)
+    await put(store, {a: one(100)})
+    await store.visits(0, VisitNeeds([], 200))  # scanned at this offset: nothing else in 0
+    other_client = Redis.from_url(redis_server.url)
+    try:
+        await put(RedisStore(other_client, 1, store.prefix), {b: one(150)})
+    finally:
+        await other_client.aclose()
+    snapshot = await store.load(0)
+    delta = Delta(0, snapshot.offset + 1, Watermark(0, 0))
+    delta.visits = {a: None}
+    assert await store.commit(delta, snapshot.offset, 86_400_000)
+    assert await bound(store, 0) == 100  # left as it was: stale, never too high
+    assert await store.visits(0, VisitNeeds([], 200)) == {b: one(150)}
+
+
+async def test_a_partition_of_another_layout_is_refused(store: RedisStore) -> None:
+    await store.redis.hset(
+        store.key(0, "meta"), mapping={"offset": 5, "watermark_ms": 0, "newest_event_ms": 0}
+    )
+    with pytest.raises(StoreLayoutError, match="replay"):
+        await store.load(0)
+
+
+# --- The Redis store gives what the in-memory store gives ----------------------------------------
+
+GAP_MS = 60_000
+
+
+def random_batches(seed: int, batches: int) -> list[list[Record]]:
+    """Events of a few visitors, in time order with jitter, some repeated, cut into batches."""
+    rng = random.Random(seed)
+    now_ms = int(time.time() * 1000) - 86_400_000
+    out: list[list[Record]] = []
+    offset = 0
+    sent: list[bytes] = []
+    for _ in range(batches):
+        batch = []
+        for _ in range(rng.randint(1, 12)):
+            now_ms += rng.choice([0, 1_000, 20_000, 50_000, 90_000])
+            if sent and rng.random() < 0.05:
+                value = rng.choice(sent)  # a duplicate event id
+            else:
+                event = {
+                    "event_id": f"e{offset}-{rng.random()}",
+                    "type": rng.choice(["page_view", "page_view", "interaction", "share"]),
+                    "ts": now_ms - rng.randint(0, 30_000),  # out of order within the gap
+                    "campaign_id": rng.choice(["c1", "c2"]),
+                    "visitor_id": f"v{rng.randint(0, 30)}",
+                }
+                value = orjson.dumps(event)
+                sent.append(value)
+            batch.append(Record(0, offset, None, value))
+            offset += 1
+        out.append(batch)
+    closer = {"event_id": "closer", "type": "page_view", "ts": now_ms + 10 * GAP_MS}
+    closer |= {"campaign_id": "c1", "visitor_id": "closer"}
+    out.append([Record(0, offset, None, orjson.dumps(closer))])
+    return out
+
+
+async def run(store: Store, batches: list[list[Record]]) -> list[tuple[object, ...]]:
+    """Apply the batches as the worker does (fetch, apply, commit, evict); the totals after each."""
+    limits = Limits(gap_ms=GAP_MS, lateness_ms=600_000)
+    state = PartitionState(0, 1, limits, b"key")
+    seen_totals = []
+    for batch in batches:
+        decoded = decode(batch)
+        now = time.time()
+        needs = state.visit_needs(decoded, now)
+        seen = await store.seen(0, candidate_ids(decoded))
+        state.load_visits(await store.visits(0, needs))
+        expected = state.offset
+        delta = state.apply(decoded, seen, now)
+        await store.add_uniques(delta.uniques)
+        assert await store.commit(delta, expected, 86_400_000)
+        state.evict_visits()
+        snap = await store.read()
+        counters = {c: dict(v) for c, v in snap.counters.items()}
+        seen_totals.append((counters, snap.open_visits, dict(snap.pipeline)))
+    return seen_totals
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_traffic_through_redis_equals_the_in_memory_store(
+    store: RedisStore, seed: int
+) -> None:
+    batches = random_batches(seed, 60)
+    want = await run(MemoryStore(), batches)
+    got = await run(store, batches)
+    assert got == want
+    assert want[-1][1] == 1  # everything closed but the closer: visits did close on the way
