@@ -108,7 +108,7 @@ end
 return #plan / 6
 """
 
-LOWER, SET, REMOVE = 1, 2, 3
+KEEP, LOWER, SET, REMOVE = 0, 1, 2, 3  # what a write does to its shard's bound
 
 
 def open_shard(field_: str) -> int:
@@ -214,5 +214,5 @@ def write_plan(changed: Mapping[VisitKey, list[Visit] | None], scan: Scan | None
     for shard, pairs in up.items():
         plan.add(shard, LOWER, low[shard], gone.pop(shard, []), pairs)
     for shard, fields in gone.items():
-        plan.add(shard, 0, 0, fields, [])
+        plan.add(shard, KEEP, 0, fields, [])  # deletes alone: a bound may stay low
     return plan

@@ -21,6 +21,7 @@ from agents import redis_visits
 from agents.embedded import EmbeddedRedis
 from agents.redis_store import RedisStore, StoreLayoutError
 from agents.redis_visits import (
+    KEEP,
     LOWER,
     REMOVE,
     SET,
@@ -83,7 +84,7 @@ def steps(plan: redis_visits.WritePlan) -> dict[int, tuple[int, int]]:
 def test_writes_lower_their_shards_bound_and_deletes_alone_leave_it(few_shards: None) -> None:
     a, b, c = key_in(0), key_in(0, 1), key_in(1)
     plan = write_plan({a: one(500), b: one(300), c: None}, scan=None)
-    assert steps(plan) == {0: (LOWER, 300), 1: (0, 0)}
+    assert steps(plan) == {0: (LOWER, 300), 1: (KEEP, 0)}
     assert plan.strings.count(encode_key(c)) == 1
 
 
