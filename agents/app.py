@@ -13,12 +13,13 @@ import asyncio
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from agents.consumer import BulkConsumer, BulkTransport, RecordBuffer
 from agents.kafka import Publisher
 from agents.metrics import WorkerMetrics
 from agents.processor import BatchProcessor
@@ -35,15 +36,35 @@ _CONTENT_TYPE = CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4"
 # A stopping worker exits by this time whatever it is waiting for (see _App.on_stop).
 SHUTDOWN_GRACE_S = 8.0
 
+# Batches handled at once by the consuming task (see ``events`` in create_app).
+_BATCHES_IN_FLIGHT = 2
+
 
 class _App(faust.App):
-    """Faust's app, with a shutdown that cannot hang.
+    """Faust's app, with bulk delivery of the events topic and a shutdown that cannot hang.
+
+    Its consumer is :class:`agents.consumer.BulkConsumer`, which puts each fetch of the events
+    topic in :attr:`records` in one step (see that module for why).
 
     Faust's own shutdown can wait for the broker without bound: with the broker unreachable its
     consumer thread fails while stopping and the worker never exits. Exiting abruptly instead is
     safe here: records are acknowledged only once their effects are durable, so a cut-short
     shutdown is exactly a SIGKILL, which replays the unacknowledged records and nothing else.
     """
+
+    records: RecordBuffer
+    bulk_topic: str
+    fetch_max_wait_ms: int
+
+    def _new_transport(self) -> Any:
+        return BulkTransport(self.conf.broker_consumer, self)
+
+    def _new_consumer(self) -> Any:
+        consumer = cast(BulkConsumer, super()._new_consumer())
+        consumer.buffer = self.records
+        consumer.bulk_topic = self.bulk_topic
+        consumer.fetch_max_wait_ms = self.fetch_max_wait_ms
+        return consumer
 
     async def on_stop(self) -> None:
         _exit_after(SHUTDOWN_GRACE_S)
@@ -98,15 +119,26 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         topic_allow_declare=False,
         topic_partitions=partitions,
         producer_max_request_size=16 * 1024 * 1024,
-        consumer_max_fetch_size=16 * 1024 * 1024,
-        broker_max_poll_records=10_000,  # bigger fetches and buffer: +10 % single-event records/s
-        stream_buffer_maxsize=20_000,
+        # Per partition and fetch: bounds what the consumer holds fetched (a larger record still
+        # comes whole: Kafka, and Tansu, return a first record batch over the limit).
+        consumer_max_fetch_size=1024 * 1024,
+        broker_max_poll_records=10_000,  # bigger fetches: fewer hand-offs from the consumer thread
         logging_config=None,
     )
+    app.bulk_topic = settings.events_topic
+    app.fetch_max_wait_ms = settings.fetch_max_wait_ms
+    # Fetched and not yet processed: two batches' worth, so the next one is there when one ends.
+    app.records = RecordBuffer(2 * settings.batch_max_records, 2 * settings.batch_max_bytes)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     redis = connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    store = RedisStore(redis, partitions, settings.redis_prefix, settings.hll_retention_seconds)
+    store = RedisStore(
+        redis,
+        partitions,
+        settings.redis_prefix,
+        settings.hll_retention_seconds,
+        settings.scrape_cache_max_age_seconds,
+    )
     publisher = Publisher(settings)
 
     def committed(partition: int) -> int | None:
@@ -126,39 +158,47 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         internal=False,
     )
 
-    # Iterating the topic subscribes it, before the consumer starts (as an agent's stream would).
-    channel: Any = topic.__aiter__()
+    # Iterating the topic registers it with Faust's conductor, which subscribes the consumer to
+    # it; its records then arrive in ``app.records`` (see agents.consumer), not on this channel.
+    topic.__aiter__()
 
     @app.task  # type: ignore[untyped-decorator]
     async def events() -> None:
-        """The consuming loop: batches straight off the topic's channel, acked once durable.
+        """The consuming loop: batches of records from the consumer, acked once durable.
 
-        A Faust ``Stream`` (``@app.agent``) costs per record; this task takes the events the
-        conductor already decoded from the channel's queue in bulk, and acks their messages on
-        the consumer after the store commit, which is all the commit bookkeeping needs.
+        Two batches are in flight: while one waits on Redis, the next is decoded and applied.
+        Each partition's steps still run in order: they queue on the partition's lock in the
+        order the batches were taken (``asyncio.Lock`` is first come, first served).
         """
-        queue = channel.queue
-        loop = asyncio.get_running_loop()
+        take = app.records.take
         max_records, within_s = settings.batch_max_records, settings.batch_within_ms / 1000
         max_bytes = settings.batch_max_bytes
         consumer = app.consumer
-        while True:
-            batch = [await queue.get()]
-            size = len(batch[0].message.value or b"")
-            deadline = loop.time() + within_s
-            while len(batch) < max_records and size < max_bytes:  # bounded memory per batch
-                if not queue.empty():
-                    event = queue.get_nowait()
-                    batch.append(event)
-                    size += len(event.message.value or b"")
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                await asyncio.sleep(min(remaining, 0.002))  # cheaper than a wait_for per record
-            await processor.handle([_record(event) for event in batch])
-            for event in batch:
-                event.message.ack(consumer)
+        slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def handle(batch: list[Any]) -> None:
+            try:
+                await processor.handle([_record(message) for message in batch])
+                for message in batch:
+                    message.ack(consumer)
+            finally:
+                slots.release()
+
+        try:
+            while True:
+                await slots.acquire()
+                for task in [task for task in in_flight if task.done()]:
+                    in_flight.discard(task)
+                    task.result()  # a batch that failed fails this task, as it did before
+                batch = await take(max_records, max_bytes, within_s)
+                # Fetched before a rebalance: Faust has sought back and fetches them again.
+                generation = app.consumer_generation_id
+                batch = [message for message in batch if message.generation_id == generation]
+                in_flight.add(asyncio.create_task(handle(batch)))
+        finally:
+            for task in in_flight:
+                task.cancel()
 
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def idle_advance() -> None:
@@ -168,11 +208,16 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: Any, **_: Any) -> None:
         processor.assigned = {tp.partition for tp in assigned if tp.topic == settings.events_topic}
+        # Faust seeks every assigned partition back to its committed offset: what the buffer
+        # holds is fetched again (and what was applied meanwhile is skipped by the store offset).
+        app.records.drop()
         processor.forget(p for p in list(processor.states) if p not in processor.assigned)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: Any, **_: Any) -> None:
-        processor.forget(tp.partition for tp in revoked if tp.topic == settings.events_topic)
+        gone = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
+        processor.forget(gone)
+        app.records.drop(gone)
 
     @app.page("/metrics")
     async def metrics_page(web: View, request: Request) -> Response:
@@ -205,9 +250,8 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     return app
 
 
-def _record(event: Any) -> Record:
-    """The domain's view of a Faust event's message."""
-    message = event.message
+def _record(message: Any) -> Record:
+    """The domain's view of a Faust message."""
     headers = message.headers or ()
     if isinstance(headers, dict):
         headers = tuple(headers.items())

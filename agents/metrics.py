@@ -1,8 +1,10 @@
 """Prometheus exposition: every metric of the worker, in one module, registry passed in.
 
 KPIs live in the shared store, so they are exported by a custom collector fed with a snapshot read
-from the store at scrape time: every worker of a group exports the same totals. Worker-local
-health (consumer lag, flush latency, store retries) uses ordinary metrics.
+from the store at scrape time: every worker of a group exports the same totals. With many
+campaigns they are tens of thousands of samples, so the page writes them as text directly
+(:mod:`agents.exposition`) rather than through the registry. Worker-local health (consumer lag,
+flush latency, store retries) uses ordinary metrics, in the registry.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from agents import exposition
+from agents.exposition import Family, Row
 from stream.events import Reason
 from stream.kpis import COUNTERS, WINDOW_KPIS, KpiSnapshot
 
@@ -20,16 +24,42 @@ REJECT_REASONS = tuple(r.value for r in Reason)
 
 
 class StoreCollector(Collector):
-    """Exports the KPIs and pipeline totals of the last snapshot read from the store."""
+    """Exports the KPIs and pipeline totals of the last snapshot read from the store.
+
+    :meth:`render` writes them as text directly (:mod:`agents.exposition`): tens of thousands of
+    samples with many campaigns. :meth:`collect` gives the same families to a registry.
+    """
 
     def __init__(self) -> None:
         self.snapshot: KpiSnapshot | None = None
+        self._rendered: tuple[KpiSnapshot | None, bytes] | None = None
 
     def collect(self) -> Iterator[Metric]:
+        for family in self.families():
+            yield family.metric()
+
+    def render(self) -> bytes:
+        """The text exposition of :meth:`families`.
+
+        Snapshots are read-only (see :meth:`stream.store.Store.read`): the text of the snapshot
+        rendered last is reused while the store returns that same snapshot.
+        """
         snap = self.snapshot
-        up = GaugeMetricFamily("kpi_store_up", "1 when the last read of the shared store worked.")
-        up.add_metric([], 0 if snap is None else 1)
-        yield up
+        if self._rendered is None or self._rendered[0] is not snap:
+            self._rendered = (snap, exposition.render(self.families()).encode())
+        return self._rendered[1]
+
+    def families(self) -> Iterator[Family]:
+        """The store's metric families, from the last snapshot."""
+        snap = self.snapshot
+        up = 0 if snap is None else 1
+        yield Family(
+            "kpi_store_up",
+            "1 when the last read of the shared store worked.",
+            "gauge",
+            (),
+            [((), up)],
+        )
         if snap is None:
             return
         yield from self._counters(snap)
@@ -37,25 +67,23 @@ class StoreCollector(Collector):
         yield from self._pipeline(snap)
 
     @staticmethod
-    def _counters(snap: KpiSnapshot) -> Iterator[Metric]:
+    def _counters(snap: KpiSnapshot) -> Iterator[Family]:
+        campaigns = sorted(snap.counters.items())
         for kpi in COUNTERS:
-            family = CounterMetricFamily(kpi.name, kpi.help, labels=["campaign"])
-            for campaign, values in sorted(snap.counters.items()):
-                family.add_metric([campaign], values.get(kpi.counter, 0) * kpi.scale)
-            yield family
+            counter, scale = kpi.counter, kpi.scale
+            rows = [((campaign,), values.get(counter, 0) * scale) for campaign, values in campaigns]
+            yield Family(kpi.name, kpi.help, "counter", ("campaign",), rows)
 
     @staticmethod
-    def _windows(snap: KpiSnapshot) -> Iterator[Metric]:
-        families = {
-            kpi.name: GaugeMetricFamily(kpi.name, kpi.help, labels=["campaign", "window"])
-            for kpi in WINDOW_KPIS
-        }
+    def _windows(snap: KpiSnapshot) -> Iterator[Family]:
+        rows: dict[str, list[Row]] = {kpi.name: [] for kpi in WINDOW_KPIS}
         for kpi, campaign, window, value in snap.window_values():
-            families[kpi.name].add_metric([campaign, window], value)
-        yield from families.values()
+            rows[kpi.name].append(((campaign, window), value))
+        for kpi in WINDOW_KPIS:
+            yield Family(kpi.name, kpi.help, "gauge", ("campaign", "window"), rows[kpi.name])
 
     @staticmethod
-    def _pipeline(snap: KpiSnapshot) -> Iterator[Metric]:
+    def _pipeline(snap: KpiSnapshot) -> Iterator[Family]:
         pipe = snap.pipeline
         for name, key, help_text in (
             ("kpi_events_processed", "processed", "Valid events counted (late ones included)."),
@@ -63,34 +91,36 @@ class StoreCollector(Collector):
             ("kpi_events_late", "late", "Events older than the watermark minus the lateness."),
             ("kpi_events_forwarded", "forwarded", "Events re-keyed to their visitor's partition."),
         ):
-            family = CounterMetricFamily(name, help_text)
-            family.add_metric([], pipe.get(key, 0))
-            yield family
-        rejected = CounterMetricFamily(
-            "kpi_events_rejected", "Events rejected to the dead-letter topic.", labels=["reason"]
+            yield Family(name, help_text, "counter", (), [((), pipe.get(key, 0))])
+        yield Family(
+            "kpi_events_rejected",
+            "Events rejected to the dead-letter topic.",
+            "counter",
+            ("reason",),
+            [((reason,), pipe.get(f"rejected:{reason}", 0)) for reason in REJECT_REASONS],
         )
-        for reason in REJECT_REASONS:
-            rejected.add_metric([reason], pipe.get(f"rejected:{reason}", 0))
-        yield rejected
-        watermark = GaugeMetricFamily(
+        yield Family(
             "kpi_watermark_timestamp_seconds",
             "Event-time watermark of each partition (epoch seconds).",
-            labels=["partition"],
+            "gauge",
+            ("partition",),
+            [
+                ((str(partition),), ms / 1000)
+                for partition, ms in sorted(snap.watermarks_ms.items())
+                if ms >= 0
+            ],
         )
-        for partition, ms in sorted(snap.watermarks_ms.items()):
-            if ms >= 0:
-                watermark.add_metric([str(partition)], ms / 1000)
-        yield watermark
-        newest = GaugeMetricFamily(
+        newest = snap.newest_event_ms
+        yield Family(
             "kpi_newest_event_timestamp_seconds",
             "Newest event time seen: where the KPI windows end (epoch seconds).",
+            "gauge",
+            (),
+            [((), newest / 1000)] if newest >= 0 else [],
         )
-        if snap.newest_event_ms >= 0:
-            newest.add_metric([], snap.newest_event_ms / 1000)
-        yield newest
-        open_visits = GaugeMetricFamily("kpi_open_visits", "Visits not closed yet.")
-        open_visits.add_metric([], snap.open_visits)
-        yield open_visits
+        yield Family(
+            "kpi_open_visits", "Visits not closed yet.", "gauge", (), [((), snap.open_visits)]
+        )
 
 
 class WorkerMetrics:
@@ -98,8 +128,8 @@ class WorkerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Not registered: rendered directly, before the registry's own metrics (see render).
         self.store = StoreCollector()
-        registry.register(self.store)
         self.consumer_lag = Gauge(
             "kpi_consumer_lag",
             "Records of the partition not applied yet (high watermark - applied offset - 1).",
@@ -137,5 +167,5 @@ class WorkerMetrics:
         )
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of the registry."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition: the store's families, then the registry's."""
+        return self.store.render() + generate_latest(self.registry)

@@ -126,6 +126,8 @@ class BatchProcessor:
         self.limits = limits_of(settings)
         self.identity_key = settings.identity_key_bytes()
         self.dedup_retention_ms = settings.dedup_retention_seconds * 1000
+        self.visit_cache = settings.visit_cache
+        self._homes: dict[str, int] = {}  # visitor -> partition, for every partition's state
         self.states: dict[int, PartitionState] = {}
         self.assigned: set[int] = set()
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -220,6 +222,7 @@ class BatchProcessor:
                 offset=stored.offset,
                 watermark=stored.watermark,
                 open_visits=stored.open_visits,
+                homes=self._homes,
             )
             state.watermark.arrived(self.clock())
             self.states[partition] = state
@@ -259,7 +262,8 @@ class BatchProcessor:
                 await self.publisher.publish(delta)
                 await self.store.add_uniques(delta.uniques)
                 if await self.store.commit(delta, expected, self.dedup_retention_ms):
-                    state.evict_visits()  # they are in the store; memory stays O(batch)
+                    # They are in the store; the recently active ones stay, bounded.
+                    state.evict_visits(self.visit_cache, delta.visits)
                     self.metrics.flush_seconds.observe(time.perf_counter() - started)
                     return
                 self.metrics.fence_lost.inc()

@@ -6,7 +6,7 @@ Key design (``P`` a partition, ``C`` a campaign; ``{...}`` is the Redis Cluster 
 key                                    holds                                            type
 =====================================  ===============================================  =======
 ``kpi:{pP}:meta``                      applied offset, watermark, newest event time,    hash
-                                       layout, dedup generations
+                                       commit count (``rev``), layout, dedup generations
 ``kpi:{pP}:cnt``                       ``C\\x1f<counter>`` -> total                      hash
 ``kpi:{pP}:pipe``                      pipeline counters                                hash
 ``kpi:{pP}:open:<shard>``              visit key -> due time and open visits (text)     hash
@@ -15,6 +15,7 @@ key                                    holds                                    
 ``kpi:{pP}:wb``                        window bucket keys by start (for purging)        zset
 ``kpi:{pP}:seen:<gen>:<shard>``        16-byte digests of counted event ids             set
 ``kpi:{cC}:u:<kind>:<bucket_ms>:<s>``  distinct visitors / participants of a bucket     HLL
+``kpi:{cC}:uver``                      version of the campaign's HLLs (changes on add)  string
 ``kpi:store``                          identity marker: random id and creation time     string
 =====================================  ===============================================  =======
 
@@ -27,7 +28,10 @@ names this layout: a partition written by another one is refused (:class:`StoreL
 Every key a commit writes carries its partition's hash tag, so one ``MULTI``/``EXEC`` applies a
 batch atomically with its offset, on a single Redis or a Redis Cluster. HyperLogLogs are keyed by
 campaign instead (one ``PFCOUNT`` unions a window's buckets across partitions); ``PFADD`` is
-idempotent, so they are written before the commit, outside it.
+idempotent, so they are written before the commit, outside it. The script that adds to them also
+increments the campaign's ``uver`` when an add changed something, and every commit increments its
+partition's ``rev``: a scrape re-reads only the partitions and re-counts only the campaigns that
+changed (:mod:`agents.redis_read`).
 
 The identity marker is written once (``SET NX``) by the first worker and never changed: a Redis that
 restarted empty, or was flushed, has no marker or a new one, which is how workers tell "nothing
@@ -39,7 +43,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import orjson
 from redis.asyncio import Redis
@@ -47,15 +51,14 @@ from redis.exceptions import WatchError
 
 from agents import redis_dedup, redis_visits
 from agents.redis_dedup import digests_of, format_generations, parse_generations
+from agents.redis_read import SEP, SnapshotReader
 from agents.redis_visits import Scan, ScannedShard, due_of, open_shard
 from stream.kpis import KpiSnapshot
 from stream.partition import UNIQUE_MARK, Delta, VisitNeeds
 from stream.store import PartitionSnapshot, UniqueAdds
 from stream.visits import Visit, VisitKey, decode_key, decode_visits, encode_key
 from stream.watermark import Watermark
-from stream.windows import RETENTION_MS, WINDOWS, window_bucket_starts
-
-SEP = "\x1f"
+from stream.windows import RETENTION_MS
 
 # The layout of a partition's keys (the meta hash's ``layout`` field). The unsharded one of the
 # 0.1.0 development versions had no such field; its stores are not read (replay them instead).
@@ -64,16 +67,24 @@ LAYOUT = "2"
 # Batches carry thousands of ids and members: redis-py encodes each command argument in Python,
 # so these scripts take them as ONE JSON argument and loop in Redis (cjson decodes in C).
 # ``unpack`` is chunked: Lua's stack holds a few thousand values at most.
+# KEYS: a campaign's HyperLogLogs, then its distinct-count version (see agents.redis_read),
+# incremented only when an add changed a HyperLogLog: a replay's re-adds change nothing, so they
+# leave every cached count valid. The version lives as long as the longest-lived of them.
 _PFADD_LUA = """
 local sets = cjson.decode(ARGV[1])
-for k = 1, #KEYS do
+local changed = 0
+for k = 1, #KEYS - 1 do
   local members = sets[k]
   for i = 1, #members, 2000 do
-    redis.call('PFADD', KEYS[k], unpack(members, i, math.min(i + 1999, #members)))
+    local last = math.min(i + 1999, #members)
+    changed = changed + redis.call('PFADD', KEYS[k], unpack(members, i, last))
   end
   redis.call('EXPIRE', KEYS[k], ARGV[2])
 end
-return #KEYS
+local version = KEYS[#KEYS]
+if changed > 0 then redis.call('INCR', version) end
+redis.call('EXPIRE', version, ARGV[2])
+return changed
 """
 
 
@@ -96,15 +107,25 @@ class RedisStore:
         partitions: How many partitions the events topic has.
         prefix: Prefix of every key.
         unique_ttl_s: Wall-clock lifetime of a distinct-count bucket.
+        read_cache_max_age_s: Longest time :meth:`read` reuses what it read before without
+            reading it again (see :mod:`agents.redis_read`).
+        clock: Monotonic seconds, for the read cache's ages.
     """
 
     def __init__(
-        self, redis: Redis, partitions: int, prefix: str = "kpi", unique_ttl_s: int = 259200
+        self,
+        redis: Redis,
+        partitions: int,
+        prefix: str = "kpi",
+        unique_ttl_s: int = 259200,
+        read_cache_max_age_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.redis = redis
         self.partitions = partitions
         self.prefix = prefix
         self.unique_ttl_s = unique_ttl_s
+        self._reader = SnapshotReader(redis, partitions, self, read_cache_max_age_s, clock)
         self._lookup_script = redis.register_script(redis_dedup.LOOKUP_LUA)
         self._insert_script = redis.register_script(redis_dedup.INSERT_LUA)
         self._pfadd_script = redis.register_script(_PFADD_LUA)
@@ -123,8 +144,16 @@ class RedisStore:
         """The HyperLogLog of one campaign's bucket."""
         return f"{self.prefix}:{{c:{campaign}}}:u:{kind}:{bucket_ms}:{start_ms}"
 
+    def unique_version_key(self, campaign: str) -> str:
+        """The version of a campaign's HyperLogLogs: incremented whenever an add changed one."""
+        return f"{self.prefix}:{{c:{campaign}}}:uver"
+
+    def marker_key(self) -> str:
+        """The store's identity marker."""
+        return f"{self.prefix}:store"
+
     async def marker(self, create: bool) -> str | None:
-        key = f"{self.prefix}:store"
+        key = self.marker_key()
         if create:
             identity = {"id": uuid.uuid4().hex, "created_ms": int(time.time() * 1000)}
             await self.redis.set(key, orjson.dumps(identity), nx=True)
@@ -229,9 +258,11 @@ class RedisStore:
             keys.append(self.unique_key(campaign, kind, bucket_ms, start_ms))
             sets.append(list(members))
         async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, sets in per_campaign.values():
+            for campaign, (keys, sets) in per_campaign.items():
                 await self._pfadd_script(
-                    keys=keys, args=[orjson.dumps(sets), self.unique_ttl_s], client=pipe
+                    keys=[*keys, self.unique_version_key(campaign)],
+                    args=[orjson.dumps(sets), self.unique_ttl_s],
+                    client=pipe,
                 )
             await pipe.execute()
 
@@ -279,6 +310,8 @@ class RedisStore:
         """Queue the writes of ``delta`` on a ``MULTI`` pipeline; ``digests`` of ``delta.seen``."""
         p = delta.partition
         wm = delta.watermark
+        # ``rev`` changes with every commit: readers cache a partition while its meta is the same.
+        pipe.hincrby(self.key(p, "meta"), "rev", 1)  # type: ignore[attr-defined]
         pipe.hset(  # type: ignore[attr-defined]
             self.key(p, "meta"),
             mapping={
@@ -328,58 +361,4 @@ class RedisStore:
             )
 
     async def read(self) -> KpiSnapshot:
-        snap = KpiSnapshot()
-        partitions = range(self.partitions)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for p in partitions:
-                pipe.hgetall(self.key(p, "meta"))
-                pipe.hgetall(self.key(p, "cnt"))
-                pipe.hgetall(self.key(p, "pipe"))
-            replies = await pipe.execute()
-        for p in partitions:
-            meta, counters, pipeline = replies[3 * p : 3 * p + 3]
-            if meta:
-                snap.watermarks_ms[p] = int(meta[b"watermark_ms"])
-                snap.offsets[p] = int(meta[b"offset"])
-                snap.newest_event_ms = max(snap.newest_event_ms, int(meta[b"newest_event_ms"]))
-                snap.open_visits += int(meta.get(b"open_visits", 0))
-            for field, value in counters.items():
-                campaign, name = field.decode().rsplit(SEP, 1)
-                snap.add_counters(campaign, {name: int(value)})
-            snap.pipeline.update({k.decode(): int(v) for k, v in pipeline.items()})
-        if snap.newest_event_ms >= 0:
-            await self._read_windows(snap)
-        return snap
-
-    async def _read_windows(self, snap: KpiSnapshot) -> None:
-        # 1. The window buckets' sums over all partitions; their ``u:<kind>`` marks tell which
-        #    distinct-count buckets exist, so that step 2 counts only those.
-        plan: list[tuple[str, int]] = []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for spec in WINDOWS:
-                for start in window_bucket_starts(snap.newest_event_ms, spec):
-                    for p in range(self.partitions):
-                        pipe.hgetall(self.key(p, f"w:{spec.bucket_ms}:{start}"))
-                        plan.append((spec.label, start))
-            replies = await pipe.execute()
-        for campaign in snap.counters:
-            for spec in WINDOWS:
-                snap.window(campaign, spec.label)
-        marked: dict[tuple[str, str, str], set[int]] = defaultdict(set)  # (campaign, window, kind)
-        for (label, start), reply in zip(plan, replies, strict=True):
-            for field, value in reply.items():
-                campaign, name = field.decode().rsplit(SEP, 1)
-                if name.startswith(UNIQUE_MARK):
-                    marked[campaign, label, name[len(UNIQUE_MARK) :]].add(start)
-                else:
-                    snap.window(campaign, label).sums[name] += int(value)
-        # 2. One PFCOUNT per (campaign, window, kind) with data: the union of its buckets.
-        bucket_ms = {spec.label: spec.bucket_ms for spec in WINDOWS}
-        counted = list(marked.items())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for (campaign, label, kind), starts in counted:
-                size = bucket_ms[label]
-                pipe.pfcount(*(self.unique_key(campaign, kind, size, s) for s in sorted(starts)))
-            counts = await pipe.execute()
-        for ((campaign, label, kind), _), count in zip(counted, counts, strict=True):
-            snap.window(campaign, label).uniques[kind] = int(count)
+        return await self._reader.read()

@@ -42,12 +42,29 @@ class Settings(BaseSettings):
     hll_retention_seconds: int = Field(
         3 * 86400, ge=86400, description="Wall-clock lifetime of the window HyperLogLog buckets"
     )
+    scrape_cache_max_age_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Longest time a scrape reuses what it read before from the store (0: never)",
+    )
     web_host: str = Field("127.0.0.1", description="Address of the /metrics web server")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the /metrics web server")
+    visit_cache: int = Field(
+        10_000,
+        ge=0,
+        description="Open visits a worker keeps in memory per partition between batches "
+        "(the store holds them all; 0: fetch every batch's visits)",
+    )
     batch_max_records: int = Field(2000, ge=1, description="Records handled per batch at most")
     batch_within_ms: int = Field(50, ge=1, description="Longest wait to fill a batch")
     batch_max_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Record bytes per batch at most (bounds memory)"
+    )
+    fetch_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        le=1500,
+        description="Longest time the broker may hold a fetch waiting for data (Faust: 1500)",
     )
     broker_session_timeout_seconds: float = Field(
         10.0, gt=0, description="Kafka consumer-group session timeout"

@@ -193,10 +193,6 @@ _TYPED_FIELDS: Final[dict[EventType, tuple[tuple[str, type], ...]]] = {
 }
 
 
-def _short_str(value: Any) -> bool:
-    return value.__class__ is str and 0 < len(value) <= MAX_ID_CHARS
-
-
 def validate(obj: object) -> Event:
     """Validate one decoded JSON value as an event.
 
@@ -225,21 +221,25 @@ def validate(obj: object) -> Event:
         channel = get("channel") or "unknown"
         if (
             event_type is not None
-            and _short_str(event_id)
-            and _short_str(campaign_id)
-            and _short_str(visitor_id)
+            and event_id.__class__ is str
+            and 0 < len(event_id) <= MAX_ID_CHARS
+            and campaign_id.__class__ is str
+            and 0 < len(campaign_id) <= MAX_ID_CHARS
+            and visitor_id.__class__ is str
+            and 0 < len(visitor_id) <= MAX_ID_CHARS
             and ts.__class__ is int
             and 0 <= ts <= MAX_TS_MS
             and channel.__class__ is str
-            and all(
-                (v := get(name)) is None or isinstance(v, kind)
-                for name, kind in _TYPED_FIELDS[event_type]
-            )
         ):
-            participant = _participant(obj) if event_type is EventType.PARTICIPATION else None
-            return Event(
-                event_id, event_type, ts, campaign_id, visitor_id, channel, participant, obj
-            )
+            for name, kind in _TYPED_FIELDS[event_type]:
+                value = get(name)
+                if value is not None and not isinstance(value, kind):
+                    break  # the full validation names the field
+            else:
+                participant = _participant(obj) if event_type is EventType.PARTICIPATION else None
+                return Event(
+                    event_id, event_type, ts, campaign_id, visitor_id, channel, participant, obj
+                )
     return _validate_fully(obj)
 
 
@@ -323,7 +323,14 @@ def decode_record(value: bytes | None) -> list[Event | Rejection]:
         return [_one(decoded, value, None)]
     if size <= MAX_EVENT_BYTES and not deep:
         # No element can exceed the limit when the whole envelope does not: skip re-encoding.
-        return [_one(obj, None, i) for i, obj in enumerate(decoded)]
+        items: list[Event | Rejection] = []
+        append = items.append
+        for i, obj in enumerate(decoded):
+            try:
+                append(validate(obj))
+            except _Invalid as invalid:
+                append(Rejection(invalid.reason, invalid.message, orjson.dumps(obj), i))
+        return items
     out: list[Event | Rejection] = []
     for i, obj in enumerate(decoded):
         raw = _encode(obj)

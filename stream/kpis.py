@@ -145,8 +145,10 @@ class KpiSnapshot:
 
     def window_values(self) -> Iterator[tuple[WindowKpi, str, str, float]]:
         """``(kpi, campaign, window, value)`` for every defined window gauge."""
+        windows = sorted(self.windows.items())
         for kpi in WINDOW_KPIS:
-            for (campaign, label), data in sorted(self.windows.items()):
-                value = kpi.aggregate(data).result()
+            aggregate = kpi.aggregate
+            for (campaign, label), data in windows:
+                value = aggregate(data).result()
                 if value is not None:
                     yield kpi, campaign, label, value

@@ -44,6 +44,10 @@ _BUCKETS_MS = sorted({spec.bucket_ms for spec in WINDOWS})
 _FINEST_MS, _COARSER_MS = _BUCKETS_MS[0], tuple(_BUCKETS_MS[1:])
 assert all(b % a == 0 for a, b in itertools.pairwise(_BUCKETS_MS)), "buckets must nest"
 
+# Visitors whose partition is remembered (murmur2 in Python is costly, and a visitor's events
+# come again and again): about 10 MB at most; a worker shares one memo among its partitions.
+_HOMES_MEMO = 100_000
+
 # Window-bucket field ``u:<kind>``: the bucket has distinct-count data of that kind (not a sum).
 UNIQUE_MARK = "u:"
 
@@ -168,10 +172,12 @@ class PartitionState:
         offset: Last offset already applied (``-1``: none).
         watermark: The partition's watermark as stored.
         open_visits: Open visits of the partition, as stored.
+        homes: A visitor -> partition memo; a worker shares one among its partitions.
 
     Open visits need not all be in memory: before a step, the worker loads the ones the step
     needs (:meth:`visit_needs`, :meth:`load_visits`) and may evict them after its commit
-    (:meth:`evict_visits`), so that memory does not grow with the number of open visits.
+    (:meth:`evict_visits`, which may keep a bounded number), so that memory does not grow with
+    the number of open visits.
     """
 
     def __init__(
@@ -183,6 +189,7 @@ class PartitionState:
         offset: int = -1,
         watermark: Watermark | None = None,
         open_visits: int = 0,
+        homes: dict[str, int] | None = None,
     ) -> None:
         self.partition = partition
         self.partitions = partitions
@@ -192,19 +199,23 @@ class PartitionState:
         self.watermark = watermark or Watermark()
         self.visits = VisitTracker(limits.gap_ms)
         self.open_visits = open_visits
-        self._homes: dict[str, int] = {}  # visitor -> partition: murmur2 in Python is costly
+        # visitor -> partition (murmur2 in Python is costly); may be shared by the partitions
+        self._homes: dict[str, int] = {} if homes is None else homes
 
     def visit_needs(self, decoded: Sequence[Decoded], now_s: float) -> VisitNeeds:
         """The open visits :meth:`apply` may touch or close for this batch."""
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         bound = self.watermark.watermark_ms
         keys = []
+        held = self.visits  # held visits are the store's, as of the last commit: not fetched
         for d in decoded:
             if d.record.offset <= self.offset:
                 continue
             for item in d.items:
-                if isinstance(item, Event) and item.ts_ms <= future_limit_ms:
-                    keys.append((item.campaign_id, item.visitor_id))
+                if item.__class__ is Event and item.ts_ms <= future_limit_ms:
+                    key = (item.campaign_id, item.visitor_id)
+                    if key not in held:
+                        keys.append(key)
                     if item.ts_ms > bound:
                         bound = item.ts_ms
         return VisitNeeds(keys, bound - self.limits.gap_ms)
@@ -221,9 +232,24 @@ class PartitionState:
             if key not in tracker:
                 tracker.load(key, found)
 
-    def evict_visits(self) -> None:
-        """Forget the open visits held in memory (they are in the store: call after a commit)."""
-        self.visits = VisitTracker(self.limits.gap_ms)
+    def evict_visits(self, keep: int = 0, recent: Iterable[VisitKey] = ()) -> None:
+        """Forget open visits held in memory, so that at most ``keep`` stay.
+
+        Call after a commit: then every visit held is exactly the store's, and the next steps
+        need not fetch them again (a visitor's events mostly come in several batches). Beyond
+        ``keep``, only the visits of ``recent`` keys (those the last step changed) stay, up to
+        half of ``keep``: memory stays bounded whatever the open visits, the active ones stay.
+        """
+        held = self.visits
+        if len(held) <= keep:
+            return
+        self.visits = kept = VisitTracker(self.limits.gap_ms)
+        room = keep // 2
+        for key in recent:
+            visits = held.get(key)
+            if visits and len(visits) <= room:
+                kept.load(key, visits)
+                room -= len(visits)
 
     def apply(self, decoded: Sequence[Decoded], seen: set[str], now_s: float) -> Delta:
         """Apply a batch of this partition's records.
@@ -248,8 +274,8 @@ class PartitionState:
                 continue  # already applied before a restart: replayed, skip
             own_key = record.key
             for item in d.items:
-                if isinstance(item, Rejection):
-                    self._reject(delta, record, item)
+                if item.__class__ is not Event:
+                    self._reject(delta, record, item)  # type: ignore[arg-type]
                 elif item.ts_ms > future_limit_ms:
                     raw = orjson.dumps(item.source)
                     rejection = Rejection(
@@ -290,8 +316,8 @@ class PartitionState:
         homes = self._homes
         home = homes.get(visitor)
         if home is None:
-            if len(homes) >= 100_000:
-                homes.clear()  # a bounded memo; visitors of a batch mostly repeat
+            if len(homes) >= _HOMES_MEMO:
+                homes.clear()
             home = homes[visitor] = partition_for(visitor, self.partitions)
         return home == self.partition
 
@@ -300,22 +326,40 @@ class PartitionState:
         delta.pipeline[f"rejected:{rejection.reason.value}"] += 1
 
     def _count(self, delta: Delta, event: Event) -> None:
-        campaign = event.campaign_id
-        delta.counters[campaign, EVENT_COUNTERS[event.type]] += 1
-        self._unique(delta, campaign, UNIQUE_VISITORS, event.ts_ms, event.visitor_id)
-        if event.type is EventType.PARTICIPATION:
-            self._unique(
-                delta, campaign, UNIQUE_PARTICIPATING_VISITORS, event.ts_ms, event.visitor_id
-            )
+        # The innermost step, once per counted event: attributes are read once into locals.
+        campaign, visitor, ts_ms, event_type = (
+            event.campaign_id,
+            event.visitor_id,
+            event.ts_ms,
+            event.type,
+        )
+        delta.counters[campaign, EVENT_COUNTERS[event_type]] += 1
+        # Distinct counts go to the finest bucket only; _finish fills the coarser ones from it.
+        start = ts_ms - ts_ms % _FINEST_MS
+        uniques = delta.uniques
+        key = (campaign, UNIQUE_VISITORS, _FINEST_MS, start)
+        members = uniques.get(key)
+        if members is None:
+            uniques[key] = {visitor}
+        else:
+            members.add(visitor)
+        if event_type is EventType.PARTICIPATION:
+            self._unique(delta, campaign, UNIQUE_PARTICIPATING_VISITORS, ts_ms, visitor)
             identity = participant_hash(self.identity_key, event)
-            self._unique(delta, campaign, UNIQUE_PARTICIPANTS, event.ts_ms, identity)
+            self._unique(delta, campaign, UNIQUE_PARTICIPANTS, ts_ms, identity)
         watermark = self.watermark
-        if watermark.is_late(event.ts_ms, self.limits.lateness_ms):
+        watermark_ms = watermark.watermark_ms
+        if watermark_ms >= 0 and ts_ms < watermark_ms - self.limits.lateness_ms:
             delta.pipeline["late"] += 1
             return
-        self._close(delta, max(watermark.watermark_ms, event.ts_ms))
-        watermark.observe(event.ts_ms)
-        self.visits.add(campaign, event.visitor_id, event.ts_ms, event.type)
+        visits = self.visits
+        if visits.due(ts_ms if ts_ms > watermark_ms else watermark_ms):
+            self._close(delta, ts_ms if ts_ms > watermark_ms else watermark_ms)
+        if ts_ms > watermark_ms:  # Watermark.observe, inline
+            watermark.watermark_ms = ts_ms
+        if ts_ms > watermark.newest_event_ms:  # not implied: an idle advance moves only the first
+            watermark.newest_event_ms = ts_ms
+        visits.add(campaign, visitor, ts_ms, event_type)
 
     @staticmethod
     def _unique(delta: Delta, campaign: str, kind: str, ts_ms: int, member: str) -> None:

@@ -71,7 +71,11 @@ class Store(Protocol):
         ...
 
     async def read(self) -> KpiSnapshot:
-        """Every KPI and pipeline total, over all partitions."""
+        """Every KPI and pipeline total, over all partitions.
+
+        The snapshot is read-only: a store may return the same object again while nothing it
+        holds changed (and users may reuse what they derived from it).
+        """
         ...
 
     async def marker(self, create: bool) -> str | None:

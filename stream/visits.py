@@ -93,6 +93,16 @@ def decode_visits(text: str) -> list[Visit]:
     return visits
 
 
+# Page views and interactions one event of each type adds to its visit (ints: stored as counts).
+_COUNTS: dict[EventType, tuple[int, int]] = {
+    t: (int(t is EventType.PAGE_VIEW), int(t is EventType.INTERACTION)) for t in EventType
+}
+
+
+def _first_ms(visit: Visit) -> int:
+    return visit.first_ms
+
+
 @dataclass(frozen=True, slots=True)
 class ClosedVisit:
     """A visit that closed, with its campaign."""
@@ -137,18 +147,20 @@ class VisitTracker:
     def add(self, campaign_id: str, visitor_id: str, ts_ms: int, event_type: EventType) -> None:
         """Add one event (already known not to be late) to its visit."""
         key = (campaign_id, visitor_id)
-        new = Visit(
-            ts_ms,
-            ts_ms,
-            # int(): a bool would be stored as JSON true/false, not as a count.
-            page_views=int(event_type is EventType.PAGE_VIEW),
-            interactions=int(event_type is EventType.INTERACTION),
-            events=1,
-        )
+        page_views, interactions = _COUNTS[event_type]
+        new = Visit(ts_ms, ts_ms, page_views, interactions, 1)
         visits = self._open.get(key)
         if visits is None:
             self._open[key] = [new]
             self._count += 1
+        elif len(visits) == 1 and (
+            (one := visits[0]).first_ms - self.gap_ms <= ts_ms <= one.last_ms + self.gap_ms
+        ):  # the common case: the event extends the visitor's one open visit, in place
+            one.absorb(new)
+            self.dirty.add(key)
+            if one.last_ms == ts_ms:  # its deadline moved
+                heapq.heappush(self._deadlines, (ts_ms + self.gap_ms, campaign_id, visitor_id))
+            return
         else:
             gap = self.gap_ms
             kept = []
@@ -159,10 +171,16 @@ class VisitTracker:
                     kept.append(visit)
             self._count += len(kept) + 1 - len(visits)
             kept.append(new)
-            kept.sort(key=lambda v: v.first_ms)
+            if len(kept) > 1:
+                kept.sort(key=_first_ms)
             self._open[key] = kept
         self.dirty.add(key)
         heapq.heappush(self._deadlines, (new.last_ms + self.gap_ms, campaign_id, visitor_id))
+
+    def due(self, watermark_ms: int) -> bool:
+        """Whether :meth:`close_until` ``watermark_ms`` may close something (a cheap test)."""
+        heap = self._deadlines
+        return bool(heap) and heap[0][0] < watermark_ms
 
     def close_until(self, watermark_ms: int) -> list[ClosedVisit]:
         """Close every visit whose last event time plus the gap is before ``watermark_ms``."""

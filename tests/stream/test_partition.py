@@ -588,8 +588,10 @@ def test_order_independence_inside_the_allowed_lateness(
     assert a["open_visits"] == b["open_visits"] == 0
 
 
-async def run_working_set(batches: list[list[Record]], partitions: int) -> MemoryStore:
-    """The worker's way: one state kept, but only the visits a step needs in memory."""
+async def run_working_set(
+    batches: list[list[Record]], partitions: int, keep: int = 0
+) -> MemoryStore:
+    """The worker's way: one state kept, the visits a step needs fetched, ``keep`` held over."""
     store = MemoryStore()
     state = await load_state(store, 0, partitions, SMALL)
     state.evict_visits()  # start from the store alone
@@ -602,7 +604,7 @@ async def run_working_set(batches: list[list[Record]], partitions: int) -> Memor
         delta = state.apply(decoded, seen, SPLIT_NOW_S)
         await store.add_uniques(delta.uniques)
         assert await store.commit(delta, expected, 86_400_000)
-        state.evict_visits()
+        state.evict_visits(keep, delta.visits)
     idle = state.idle_needs(SPLIT_NOW_S + 3600)
     if idle is not None:
         state.load_visits(await store.visits(0, idle))
@@ -612,15 +614,16 @@ async def run_working_set(batches: list[list[Record]], partitions: int) -> Memor
     return store
 
 
-@given(records_st(), st.data(), st.sampled_from([1, 2]))
+@given(records_st(), st.data(), st.sampled_from([1, 2]), st.sampled_from([0, 1, 3, 10_000]))
 @settings(max_examples=150, deadline=None)
 def test_working_set_equals_everything_in_memory(
-    records: list[Record], data: st.DataObject, partitions: int
+    records: list[Record], data: st.DataObject, partitions: int, keep: int
 ) -> None:
-    # Evicting visits after every commit and fetching back only the ones a step touches or may
-    # close gives exactly the KPIs of keeping every open visit in memory.
+    # Evicting visits after a commit (beyond ``keep``, all but the last step's) and fetching
+    # only the ones a step touches or may close, and does not hold, gives exactly the KPIs of
+    # keeping every open visit in memory.
     cuts = data.draw(st.sets(st.integers(1, max(1, len(records) - 1))), label="cuts")
     batches = split(records, cuts)
     in_memory = run(run_batches(batches, [False] * len(batches), partitions))
-    working_set = run(run_working_set(batches, partitions))
+    working_set = run(run_working_set(batches, partitions, keep))
     assert run(totals(working_set)) == run(totals(in_memory))
