@@ -256,8 +256,9 @@ def random_batches(seed: int, batches: int) -> list[list[Record]]:
     return out
 
 
-async def run(store: Store, batches: list[list[Record]]) -> list[tuple[object, ...]]:
-    """Apply the batches as the worker does (fetch, apply, commit, evict); the totals after each."""
+async def run(store: Store, batches: list[list[Record]], keep: int) -> list[tuple[object, ...]]:
+    """Apply the batches as the worker does (fetch what it does not hold, apply, commit, keep up
+    to ``keep`` visits held); the totals after each."""
     limits = Limits(gap_ms=GAP_MS, lateness_ms=600_000)
     state = PartitionState(0, 1, limits, b"key")
     seen_totals = []
@@ -271,19 +272,20 @@ async def run(store: Store, batches: list[list[Record]]) -> list[tuple[object, .
         delta = state.apply(decoded, seen, now)
         await store.add_uniques(delta.uniques)
         assert await store.commit(delta, expected, 86_400_000)
-        state.evict_visits()
+        state.evict_visits(keep, delta.visits)
         snap = await store.read()
         counters = {c: dict(v) for c, v in snap.counters.items()}
         seen_totals.append((counters, snap.open_visits, dict(snap.pipeline)))
     return seen_totals
 
 
+@pytest.mark.parametrize("keep", [0, 16], ids=["nothing held", "visits held"])
 @pytest.mark.parametrize("seed", range(6))
 async def test_random_traffic_through_redis_equals_the_in_memory_store(
-    store: RedisStore, seed: int
+    store: RedisStore, seed: int, keep: int
 ) -> None:
     batches = random_batches(seed, 60)
-    want = await run(MemoryStore(), batches)
-    got = await run(store, batches)
+    want = await run(MemoryStore(), batches, keep)
+    got = await run(store, batches, keep)
     assert got == want
     assert want[-1][1] == 1  # everything closed but the closer: visits did close on the way
