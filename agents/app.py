@@ -129,8 +129,8 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     )
     app.bulk_topic = settings.events_topic
     app.fetch_max_wait_ms = settings.fetch_max_wait_ms
-    # Fetched and not yet processed: two batches' worth, so the next one is there when one ends.
-    app.records = RecordBuffer(2 * settings.batch_max_records, 2 * settings.batch_max_bytes)
+    # Fetched and not yet processed: a batch's worth, so the next one is there when one ends.
+    app.records = RecordBuffer(settings.batch_max_records, settings.batch_max_bytes)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     redis = connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
