@@ -125,6 +125,9 @@ class RedisStore:
         self.partitions = partitions
         self.prefix = prefix
         self.unique_ttl_s = unique_ttl_s
+        # Per partition, the commit count (meta's ``rev``) as of this worker's last read or
+        # commit: the fence of :meth:`commit`, with the applied offset.
+        self._revs: dict[int, int] = {}
         self._reader = SnapshotReader(redis, partitions, self, read_cache_max_age_s, clock)
         self._lookup_script = redis.register_script(redis_dedup.LOOKUP_LUA)
         self._insert_script = redis.register_script(redis_dedup.INSERT_LUA)
@@ -163,6 +166,7 @@ class RedisStore:
     async def load(self, partition: int) -> PartitionSnapshot:
         meta = await self.redis.hgetall(self.key(partition, "meta"))
         if not meta:
+            self._revs[partition] = 0
             return PartitionSnapshot()
         if meta.get(b"layout") != LAYOUT.encode():
             raise StoreLayoutError(
@@ -177,6 +181,7 @@ class RedisStore:
         )
         open_visits = int(meta.get(b"open_visits", 0))
         self._generations[partition] = _text(meta.get(b"seen"))
+        self._revs[partition] = int(meta.get(b"rev", 0))
         return PartitionSnapshot(int(meta[b"offset"]), watermark, {}, open_visits)
 
     async def visits(self, partition: int, needs: VisitNeeds) -> dict[VisitKey, list[Visit]]:
@@ -276,8 +281,13 @@ class RedisStore:
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 await pipe.watch(meta)
-                stored, generations = await pipe.hmget(meta, ["offset", "seen"])
+                stored, generations, rev = await pipe.hmget(meta, ["offset", "seen", "rev"])
                 if (int(stored) if stored is not None else -1) != expected_offset:
+                    return False
+                # The offset alone does not fence an idle advance (it keeps the offset): the
+                # partition must not have been committed at all since this worker read it.
+                revision = int(rev or 0)
+                if self._revs.get(p, revision) != revision:
                     return False
                 expired = await pipe.zrangebyscore(buckets_index, "-inf", f"({oldest_bucket_ms}")
                 roll = redis_dedup.advance(
@@ -296,6 +306,7 @@ class RedisStore:
                 await pipe.execute()
         except WatchError:
             return False
+        self._revs[p] = revision + 1  # this commit's HINCRBY
         self._generations[p] = format_generations(roll.generations)
         return True
 

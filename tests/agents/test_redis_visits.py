@@ -289,3 +289,27 @@ async def test_random_traffic_through_redis_equals_the_in_memory_store(
     got = await run(store, batches, keep)
     assert got == want
     assert want[-1][1] == 1  # everything closed but the closer: visits did close on the way
+
+
+async def test_a_commit_is_fenced_by_an_idle_advance_committed_since_its_read(
+    redis_server: EmbeddedRedis, store: RedisStore
+) -> None:
+    """A zombie's idle advance keeps the offset: the owner's commit must still be refused, or the
+    visits both close would count twice. The fence is the partition's commit count (``rev``)."""
+    a = key_in(0)
+    await put(store, {a: one(100)})
+    snapshot = await store.load(0)  # the owner reads the partition
+    other_client = Redis.from_url(redis_server.url)
+    try:
+        zombie = RedisStore(other_client, 1, store.prefix)
+        stale = await zombie.load(0)
+        idle = Delta(0, stale.offset, Watermark(5_000_000, 0))  # an idle advance: same offset
+        idle.visits = {a: None}
+        assert await zombie.commit(idle, stale.offset, 86_400_000)
+    finally:
+        await other_client.aclose()
+    delta = Delta(0, snapshot.offset + 1, Watermark(5_000_000, 0))
+    delta.visits = {a: None}
+    assert not await store.commit(delta, snapshot.offset, 86_400_000)
+    reloaded = await store.load(0)  # after a reload, the owner commits again
+    assert await store.commit(delta, reloaded.offset, 86_400_000)
