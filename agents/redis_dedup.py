@@ -51,59 +51,63 @@ FILL_TARGET: Final = 32  # ids per shard a new generation is sized for
 FILL_MAX: Final = 64  # ids per shard, on average, that close a generation early
 GROWTH: Final = 4  # a generation that closed full is followed by one this many times larger
 
-# Look-up: KEYS[1] the meta hash, then shard sets. ARGV[1] the generations the caller assumed
-# (checked against the stored ones: nil when they differ), ARGV[2] per shard ``key index, count``
-# and ARGV[3] the digests' positions, shard after shard (flat JSON), ARGV[4] the digests end to
-# end (one string: no per-digest object on either side).
-# Returns the 0-based positions found.
-LOOKUP_LUA: Final = """
-local stored = redis.call('HGET', KEYS[1], 'seen') or ''
-if stored ~= ARGV[1] then return false end
-local groups, positions = cjson.decode(ARGV[2]), cjson.decode(ARGV[3])
-local blob, sub = ARGV[4], string.sub
-local found, out, at = {}, {}, 0
-for g = 1, #groups, 2 do
-  local key, last = KEYS[groups[g]], at + groups[g + 1]
-  for first = at + 1, last, 1000 do
-    local members = {}
-    for j = first, math.min(first + 999, last) do
-      local from = positions[j] * 16
-      members[#members + 1] = sub(blob, from + 1, from + 16)
-    end
-    local flags = redis.call('SMISMEMBER', key, unpack(members))
-    for j = 1, #flags do
-      local position = positions[first + j - 1]
-      if flags[j] == 1 and not found[position] then
-        found[position] = true
-        out[#out + 1] = position
+# Both scripts walk the digests shard by shard, in chunks (Lua's stack holds a few thousand
+# values): ``groups`` is per shard ``key index, count``, ``positions`` the digests' positions,
+# shard after shard (flat JSON), ``blob`` the digests end to end (one string: no per-digest object
+# on either side). ``each`` calls ``fn(key, members, first)``, ``first`` the chunk's first index.
+_EACH_CHUNK_LUA: Final = """
+local function each(groups, positions, blob, fn)
+  local sub, at = string.sub, 0
+  for g = 1, #groups, 2 do
+    local key, last = KEYS[groups[g]], at + groups[g + 1]
+    for first = at + 1, last, 1000 do
+      local members = {}
+      for j = first, math.min(first + 999, last) do
+        local from = positions[j] * 16
+        members[#members + 1] = sub(blob, from + 1, from + 16)
       end
+      fn(key, members, first)
     end
+    at = last
   end
-  at = last
 end
-return out
 """
 
-# Insert: KEYS the shard sets. ARGV[1] per shard ``key index, count`` and ARGV[2] the digests'
-# positions, shard after shard (flat JSON), ARGV[3] the digests end to end.
-INSERT_LUA: Final = """
-local groups, positions = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
-local blob, sub = ARGV[3], string.sub
-local at = 0
-for g = 1, #groups, 2 do
-  local key, last = KEYS[groups[g]], at + groups[g + 1]
-  for first = at + 1, last, 1000 do
-    local members = {}
-    for j = first, math.min(first + 999, last) do
-      local from = positions[j] * 16
-      members[#members + 1] = sub(blob, from + 1, from + 16)
+# Look-up: KEYS[1] the meta hash, then shard sets. ARGV[1] the generations the caller assumed
+# (checked against the stored ones: nil when they differ), ARGV[2] the groups, ARGV[3] the
+# positions, ARGV[4] the digests. Returns the 0-based positions found.
+LOOKUP_LUA: Final = (
+    _EACH_CHUNK_LUA
+    + """
+local stored = redis.call('HGET', KEYS[1], 'seen') or ''
+if stored ~= ARGV[1] then return false end
+local positions = cjson.decode(ARGV[3])
+local found, out = {}, {}
+each(cjson.decode(ARGV[2]), positions, ARGV[4], function(key, members, first)
+  local flags = redis.call('SMISMEMBER', key, unpack(members))
+  for j = 1, #flags do
+    local position = positions[first + j - 1]
+    if flags[j] == 1 and not found[position] then
+      found[position] = true
+      out[#out + 1] = position
     end
-    redis.call('SADD', key, unpack(members))
   end
-  at = last
-end
+end)
+return out
+"""
+)
+
+# Insert: KEYS the shard sets. ARGV[1] the groups, ARGV[2] the positions, ARGV[3] the digests.
+INSERT_LUA: Final = (
+    _EACH_CHUNK_LUA
+    + """
+local groups = cjson.decode(ARGV[1])
+each(groups, cjson.decode(ARGV[2]), ARGV[3], function(key, members)
+  redis.call('SADD', key, unpack(members))
+end)
 return #groups / 2
 """
+)
 
 
 def digest(event_id: str) -> bytes:
