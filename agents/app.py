@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import threading
@@ -40,6 +41,11 @@ SHUTDOWN_GRACE_S = 8.0
 
 # Batches handled at once by the consuming task (see ``events`` in create_app).
 _BATCHES_IN_FLIGHT = 2
+
+# The cyclic collector's thresholds (see ``_tune_gc``): a collection of the youngest generation
+# after this many new container objects (Python's default, 700, is about 40 per batch), and of
+# the older ones after this many of the one before.
+_GC_THRESHOLD = (50_000, 20, 10)
 
 
 class _App(faust.App):
@@ -172,6 +178,7 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         Each partition's steps still run in order: they queue on the partition's lock in the
         order the batches were taken (``asyncio.Lock`` is first come, first served).
         """
+        _tune_gc()
         take = app.records.take
         max_records, within_s = settings.batch_max_records, settings.batch_within_ms / 1000
         max_bytes = settings.batch_max_bytes
@@ -251,6 +258,21 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         await redis.aclose()
 
     return app
+
+
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for batch work (measured: 18 % of the worker's
+    CPU with the defaults, on envelopes).
+
+    A batch decodes tens of thousands of event objects that live until its commit: with the
+    default thresholds, they trigger a collection every 700 of them, and full collections walk
+    every object the worker has. Objects made while starting (Faust, the app, modules) are moved
+    out of the collector's sight for good (``gc.freeze``); young collections run less often. The
+    worker's objects rarely form reference cycles: the collector only has a little to find.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLD)
 
 
 def _load_malloc_trim() -> Any:

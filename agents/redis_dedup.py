@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -258,11 +258,6 @@ class Plan:
         for shard, count in sorted(Counter(shards).items()):
             self.keys.append(shard_key(prefix, generation.gen, shard))
             self.groups += (before + len(self.keys), count)
-
-
-def digests_of(event_ids: Iterable[str]) -> bytes:
-    """The ids' digests end to end (16 bytes each, in order)."""
-    return b"".join([digest(i) for i in event_ids])
 
 
 def heads(digests: bytes) -> list[int]:

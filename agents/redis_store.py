@@ -50,7 +50,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from agents import redis_dedup, redis_visits
-from agents.redis_dedup import digests_of, format_generations, parse_generations
+from agents.redis_dedup import digest, format_generations, parse_generations
 from agents.redis_read import SEP, SnapshotReader
 from agents.redis_visits import Scan, ScannedShard, due_of, open_shard
 from stream.kpis import KpiSnapshot
@@ -138,6 +138,9 @@ class RedisStore:
         # last fetch's view of the due shards for the next commit (see agents.redis_visits).
         self._generations: dict[int, str] = {}
         self._scans: dict[int, Scan] = {}
+        # Per partition, the digests of the last look-up's ids: its commit stores those of the
+        # ids it counted (hashing each id once per step, not twice).
+        self._digests: dict[int, dict[str, bytes]] = {}
 
     def key(self, partition: int, name: str) -> str:
         """A key of one partition's state."""
@@ -233,7 +236,10 @@ class RedisStore:
         if not event_ids:
             return set()
         meta = self.key(partition, "meta")
-        digests = digests_of(event_ids)
+        each = [digest(i) for i in event_ids]
+        self._digests[partition] = dict(zip(event_ids, each, strict=True))
+        digests = b"".join(each)
+        del each
         for _ in range(3):
             text = self._generations.get(partition)
             if text is None:
@@ -277,7 +283,9 @@ class RedisStore:
         buckets_index = self.key(p, "wb")
         oldest_bucket_ms = delta.watermark.newest_event_ms - RETENTION_MS
         scan = self._scans.pop(p, None)
-        digests = digests_of(delta.seen)
+        known = self._digests.pop(p, {})
+        digests = b"".join([known.get(i) or digest(i) for i in delta.seen])
+        del known
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 await pipe.watch(meta)

@@ -8,6 +8,7 @@ without a key, or with another key) are re-keyed to it.
 
 from __future__ import annotations
 
+import struct
 from typing import Final
 
 _M: Final = 0x5BD1E995
@@ -18,13 +19,13 @@ def murmur2(data: bytes) -> int:
     """Kafka's 32-bit murmur2 hash (seed 0x9747b28c), as a signed 32-bit integer."""
     length = len(data)
     h = (0x9747B28C ^ length) & _MASK
-    end = length & ~3
-    for i in range(0, end, 4):
-        k = data[i] | (data[i + 1] << 8) | (data[i + 2] << 16) | (data[i + 3] << 24)
-        k = (k * _M) & _MASK
-        k ^= k >> 24
-        k = (k * _M) & _MASK
-        h = ((h * _M) & _MASK) ^ k
+    words = length >> 2
+    if words:  # the little-endian 32-bit words, unpacked in C
+        for k in struct.unpack_from(f"<{words}I", data):
+            k = (k * _M) & _MASK
+            k ^= k >> 24
+            h = ((h * _M) ^ (k * _M)) & _MASK  # the low 32 bits of each product, XORed
+    end = words << 2
     rest = length & 3
     if rest == 3:
         h ^= data[end + 2] << 16

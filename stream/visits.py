@@ -148,21 +148,27 @@ class VisitTracker:
         """Add one event (already known not to be late) to its visit."""
         key = (campaign_id, visitor_id)
         page_views, interactions = _COUNTS[event_type]
-        new = Visit(ts_ms, ts_ms, page_views, interactions, 1)
         visits = self._open.get(key)
+        gap = self.gap_ms
+        if visits is not None and len(visits) == 1:
+            one = visits[0]
+            if one.first_ms - gap <= ts_ms <= one.last_ms + gap:
+                # The common case: the event extends the visitor's one open visit, in place.
+                one.page_views += page_views
+                one.interactions += interactions
+                one.events += 1
+                self.dirty.add(key)
+                if ts_ms < one.first_ms:
+                    one.first_ms = ts_ms
+                elif ts_ms > one.last_ms:
+                    one.last_ms = ts_ms  # its deadline moved
+                    heapq.heappush(self._deadlines, (ts_ms + gap, campaign_id, visitor_id))
+                return
+        new = Visit(ts_ms, ts_ms, page_views, interactions, 1)
         if visits is None:
             self._open[key] = [new]
             self._count += 1
-        elif len(visits) == 1 and (
-            (one := visits[0]).first_ms - self.gap_ms <= ts_ms <= one.last_ms + self.gap_ms
-        ):  # the common case: the event extends the visitor's one open visit, in place
-            one.absorb(new)
-            self.dirty.add(key)
-            if one.last_ms == ts_ms:  # its deadline moved
-                heapq.heappush(self._deadlines, (ts_ms + self.gap_ms, campaign_id, visitor_id))
-            return
         else:
-            gap = self.gap_ms
             kept = []
             for visit in visits:
                 if visit.first_ms - gap <= ts_ms <= visit.last_ms + gap:
