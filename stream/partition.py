@@ -23,9 +23,9 @@ import orjson
 from stream.events import Event, EventType, Reason, Rejection, decode_record
 from stream.identity import participant_hash
 from stream.partitioner import partition_for
-from stream.visits import ClosedVisit, Visit, VisitKey, VisitTracker
+from stream.visits import Visit, VisitKey, VisitTracker
 from stream.watermark import Watermark
-from stream.windows import WINDOWS, bucket_start
+from stream.windows import WINDOWS
 
 # Names of the per-campaign counters (the store keeps them; metrics add the ``kpi_`` prefix).
 EVENT_COUNTERS = {
@@ -201,6 +201,9 @@ class PartitionState:
         self.open_visits = open_visits
         # visitor -> partition (murmur2 in Python is costly); may be shared by the partitions
         self._homes: dict[str, int] = {} if homes is None else homes
+        # (campaign, finest bucket of the start) -> the closed visits' sums, within a step:
+        # visits, bounced, interactions, duration (see _close)
+        self._closing: dict[tuple[str, int], list[int]] = {}
 
     def visit_needs(self, decoded: Sequence[Decoded], now_s: float) -> VisitNeeds:
         """The open visits :meth:`apply` may touch or close for this batch."""
@@ -264,6 +267,7 @@ class PartitionState:
             the delta, this state must be discarded and loaded again.
         """
         delta = Delta(self.partition, self.offset, self.watermark)
+        self._closing = {}
         held = len(self.visits)
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         batch_seen: set[str] = set()
@@ -297,7 +301,7 @@ class PartitionState:
         if decoded:
             self.watermark.arrived(now_s)
         delta.seen = list(batch_seen)
-        self._close(delta, self.watermark.watermark_ms)
+        self._close(self.watermark.watermark_ms)
         return self._finish(delta, held)
 
     def idle_advance(self, now_s: float) -> Delta | None:
@@ -306,7 +310,8 @@ class PartitionState:
         if not self.watermark.idle_advance(now_s, self.limits.idle_advance_s):
             return None
         delta = Delta(self.partition, self.offset, self.watermark)
-        self._close(delta, self.watermark.watermark_ms)
+        self._closing = {}
+        self._close(self.watermark.watermark_ms)
         return self._finish(delta, held)
 
     def _is_home(self, event: Event, key: bytes | None) -> bool:
@@ -354,7 +359,7 @@ class PartitionState:
             return
         visits = self.visits
         if visits.due(ts_ms if ts_ms > watermark_ms else watermark_ms):
-            self._close(delta, ts_ms if ts_ms > watermark_ms else watermark_ms)
+            self._close(ts_ms if ts_ms > watermark_ms else watermark_ms)
         if ts_ms > watermark_ms:  # Watermark.observe, inline
             watermark.watermark_ms = ts_ms
         if ts_ms > watermark.newest_event_ms:  # not implied: an idle advance moves only the first
@@ -371,28 +376,41 @@ class PartitionState:
         else:
             members.add(member)
 
-    def _close(self, delta: Delta, watermark_ms: int) -> None:
+    def _close(self, watermark_ms: int) -> None:
+        # Closed visits are summed per campaign and finest bucket of their start; _finish
+        # spreads the sums over the counters and every window's bucket (a few adds per visit,
+        # not one per window and field).
+        closing = self._closing
         for closed in self.visits.close_until(watermark_ms):
-            self._count_visit(delta, closed)
+            visit = closed.visit
+            first = visit.first_ms
+            key = (closed.campaign_id, first - first % _FINEST_MS)
+            sums = closing.get(key)
+            if sums is None:
+                sums = closing[key] = [0, 0, 0, 0]
+            sums[0] += 1
+            sums[1] += visit.bounced
+            sums[2] += visit.interactions
+            sums[3] += visit.last_ms - first
 
-    @staticmethod
-    def _count_visit(delta: Delta, closed: ClosedVisit) -> None:
-        campaign, visit = closed.campaign_id, closed.visit
-        bounced = int(visit.bounced)
-        duration_ms = visit.duration_ms
-        counters = delta.counters
-        counters[campaign, VISITS] += 1
-        counters[campaign, BOUNCED] += bounced
-        counters[campaign, DURATION_MS] += duration_ms
-        windows = delta.windows
-        for spec in WINDOWS:
-            start = bucket_start(visit.first_ms, spec.bucket_ms)
-            windows[spec.bucket_ms, start, campaign, VISITS] += 1
-            windows[spec.bucket_ms, start, campaign, BOUNCED] += bounced
-            windows[spec.bucket_ms, start, campaign, INTERACTIONS] += visit.interactions
-            windows[spec.bucket_ms, start, campaign, DURATION_MS] += duration_ms
+    def _count_closed(self, delta: Delta) -> None:
+        """Add the step's closed visits to the counters and to the window of their start."""
+        counters, windows = delta.counters, delta.windows
+        for (campaign, start), sums in self._closing.items():
+            visits, bounced, interactions, duration_ms = sums
+            counters[campaign, VISITS] += visits
+            counters[campaign, BOUNCED] += bounced
+            counters[campaign, DURATION_MS] += duration_ms
+            for spec in WINDOWS:  # the finest bucket's start is in the same coarser buckets
+                bucket = spec.bucket_ms, start - start % spec.bucket_ms, campaign
+                windows[(*bucket, VISITS)] += visits
+                windows[(*bucket, BOUNCED)] += bounced
+                windows[(*bucket, INTERACTIONS)] += interactions
+                windows[(*bucket, DURATION_MS)] += duration_ms
+        self._closing = {}
 
     def _finish(self, delta: Delta, held: int) -> Delta:
+        self._count_closed(delta)
         uniques = delta.uniques
         for (campaign, kind, _, start), members in list(uniques.items()):
             for bucket_ms in _COARSER_MS:  # set unions in C, not one add per event and bucket
