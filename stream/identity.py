@@ -8,13 +8,26 @@ participant is the visitor. Only the hash ever leaves this module.
 from __future__ import annotations
 
 import hashlib
-import hmac
+from functools import lru_cache
+from typing import Any
 
 import orjson
 
 from stream.events import Event
 
 _SEP = "\x1f"
+
+
+@lru_cache(maxsize=8)
+def _pads(key: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256's inner and outer hashes with ``key``'s pads already absorbed (RFC 2104):
+    each identity then copies them instead of hashing the key's pads again (twice as fast)."""
+    block = hashlib.sha256(key).digest() if len(key) > 64 else key
+    block = block.ljust(64, b"\0")
+    return (
+        hashlib.sha256(bytes(b ^ 0x36 for b in block)),
+        hashlib.sha256(bytes(b ^ 0x5C for b in block)),
+    )
 
 
 def participant_hash(key: bytes, event: Event) -> str:
@@ -35,4 +48,10 @@ def participant_hash(key: bytes, event: Event) -> str:
         # A JSON array, not the parts joined by a separator: a separator inside a field would
         # make two different people one identity.
         material = ("person" + _SEP).encode() + orjson.dumps(parts)
-    return hmac.new(key, material, hashlib.sha256).hexdigest()[:32]
+    inner_pad, outer_pad = _pads(key)
+    inner = inner_pad.copy()
+    inner.update(material)
+    outer = outer_pad.copy()
+    outer.update(inner.digest())
+    hexdigest: str = outer.hexdigest()
+    return hexdigest[:32]

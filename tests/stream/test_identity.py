@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
 import re
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import Event, EventType, Participant, decode_record
+from stream.events import Event, EventType, Participant, decode_record, validate
 from stream.identity import participant_hash
 from tests.stream.factories import KEY, dumps, event
 
@@ -166,3 +169,20 @@ def test_padding_and_ascii_case_never_change_the_hash(
         for f in fields
     )
     assert h(*fields) == h(*varied)
+
+
+@pytest.mark.parametrize("key", [b"", b"k", b"x" * 64, b"y" * 65, bytes(range(200))])
+def test_the_hash_is_hmac_sha256_for_any_key_length(key: bytes) -> None:
+    event = validate(
+        {
+            "event_id": "e",
+            "type": "participation",
+            "ts": 1,
+            "campaign_id": "c",
+            "visitor_id": "v",
+            "participant": {"email": "A@x.io"},
+        }
+    )
+    material = ("person" + "\x1f").encode() + orjson.dumps(["", "", "a@x.io"])
+    expected = hmac.new(key, material, hashlib.sha256).hexdigest()[:32]
+    assert participant_hash(key, event) == expected
