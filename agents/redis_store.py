@@ -88,6 +88,28 @@ return changed
 """
 
 
+# The commit's sums and marks in one call (queued in its MULTI: a command per field would cost the
+# worker more than the work itself in packing and parsing). KEYS[1] the window-bucket index, then
+# the hashes written. ARGV[1] per hash (KEYS[2] onwards): ``[increments, marks, start]``, where
+# increments are ``field, n, ...`` (n as text: exact), marks the fields set to 1 (see
+# stream.partition.UNIQUE_MARK), and start the window bucket's start for the index (-1: none).
+_APPLY_LUA = """
+local ops = cjson.decode(ARGV[1])
+for k = 1, #ops do
+  local key, op = KEYS[k + 1], ops[k]
+  local increments, marks = op[1], op[2]
+  for i = 1, #increments, 2 do
+    redis.call('HINCRBY', key, increments[i], increments[i + 1])
+  end
+  for i = 1, #marks do
+    redis.call('HSET', key, marks[i], 1)
+  end
+  if op[3] >= 0 then redis.call('ZADD', KEYS[1], op[3], key) end
+end
+return #ops
+"""
+
+
 def _text(value: object) -> str:
     """A reply's bytes as text (``None``: empty)."""
     if value is None:
@@ -130,10 +152,7 @@ class RedisStore:
         self._revs: dict[int, int] = {}
         self._reader = SnapshotReader(redis, partitions, self, read_cache_max_age_s, clock)
         self._lookup_script = redis.register_script(redis_dedup.LOOKUP_LUA)
-        self._insert_script = redis.register_script(redis_dedup.INSERT_LUA)
-        self._pfadd_script = redis.register_script(_PFADD_LUA)
         self._fetch_script = redis.register_script(redis_visits.FETCH_LUA)
-        self._write_visits_script = redis.register_script(redis_visits.WRITE_LUA)
         # Per partition, what the last commit (or read) found of the dedup generations, and the
         # last fetch's view of the due shards for the next commit (see agents.redis_visits).
         self._generations: dict[int, str] = {}
@@ -270,11 +289,10 @@ class RedisStore:
             sets.append(list(members))
         async with self.redis.pipeline(transaction=False) as pipe:
             for campaign, (keys, sets) in per_campaign.items():
-                await self._pfadd_script(
-                    keys=[*keys, self.unique_version_key(campaign)],
-                    args=[orjson.dumps(sets), self.unique_ttl_s],
-                    client=pipe,
-                )
+                keys.append(self.unique_version_key(campaign))
+                # EVAL: redis-py would first check that an EVALSHA's script is loaded, a round
+                # trip per call of this method.
+                pipe.eval(_PFADD_LUA, len(keys), *keys, orjson.dumps(sets), self.unique_ttl_s)
             await pipe.execute()
 
     async def commit(self, delta: Delta, expected_offset: int, dedup_retention_ms: int) -> bool:
@@ -342,41 +360,59 @@ class RedisStore:
                 "seen": format_generations(roll.generations),
             },
         )
-        counters = self.key(p, "cnt")
-        for (campaign, name), value in delta.counters.items():
-            pipe.hincrby(counters, f"{campaign}{SEP}{name}", value)  # type: ignore[attr-defined]
-        pipeline = self.key(p, "pipe")
-        for name, value in delta.pipeline.items():
-            pipe.hincrby(pipeline, name, value)  # type: ignore[attr-defined]
-        buckets: dict[tuple[int, int], list[tuple[str, int | None]]] = defaultdict(list)
+        # Per hash: increments, marks, window start (see _APPLY_LUA).
+        keys = [self.key(p, "wb")]
+        ops: list[tuple[list[str], list[str], int]] = []
+        counters = [
+            x
+            for (campaign, counter), n in delta.counters.items()
+            for x in (f"{campaign}{SEP}{counter}", str(n))
+        ]
+        pipeline = [x for name, n in delta.pipeline.items() for x in (name, str(n))]
+        for name, increments in (("cnt", counters), ("pipe", pipeline)):
+            if increments:
+                keys.append(self.key(p, name))
+                ops.append((increments, [], -1))
+        buckets: dict[tuple[int, int], tuple[list[str], list[str]]] = {}
         for (bucket_ms, start_ms, campaign, name), value in delta.windows.items():
+            bucket = buckets.get((bucket_ms, start_ms))
+            if bucket is None:
+                bucket = buckets[bucket_ms, start_ms] = ([], [])
             # A mark (see stream.partition.UNIQUE_MARK) is set, not summed: idempotent.
-            mark = name.startswith(UNIQUE_MARK)
-            buckets[bucket_ms, start_ms].append((f"{campaign}{SEP}{name}", None if mark else value))
-        for (bucket_ms, start_ms), fields in buckets.items():
-            key = self.key(p, f"w:{bucket_ms}:{start_ms}")
-            for field, increment in fields:
-                if increment is None:
-                    pipe.hset(key, field, 1)  # type: ignore[attr-defined]
-                else:
-                    pipe.hincrby(key, field, increment)  # type: ignore[attr-defined]
-            pipe.zadd(self.key(p, "wb"), {key: start_ms})  # type: ignore[attr-defined]
+            if name.startswith(UNIQUE_MARK):
+                bucket[1].append(f"{campaign}{SEP}{name}")
+            else:
+                bucket[0].extend((f"{campaign}{SEP}{name}", str(value)))
+        for (bucket_ms, start_ms), (increments, marks) in buckets.items():
+            keys.append(self.key(p, f"w:{bucket_ms}:{start_ms}"))
+            ops.append((increments, marks, start_ms))
+        if ops:
+            pipe.eval(_APPLY_LUA, len(keys), *keys, orjson.dumps(ops))  # type: ignore[attr-defined]
+        # Scripts in the MULTI go by EVAL, not EVALSHA: a script missing from Redis's cache
+        # would fail alone at EXEC while the rest applies, and making sure it is there first
+        # (what redis-py's pipelines do) costs a round trip per commit.
         writes = redis_visits.write_plan(delta.visits, scan)
         if writes.shards:
-            await self._write_visits_script(  # queued on the MULTI pipeline: in the transaction
-                keys=[self.key(p, "due"), *(self.key(p, f"open:{s}") for s in writes.shards)],
-                args=[orjson.dumps(writes.steps), orjson.dumps(writes.strings)],
-                client=pipe,  # type: ignore[arg-type]
+            visit_keys = [self.key(p, "due"), *(self.key(p, f"open:{s}") for s in writes.shards)]
+            pipe.eval(  # type: ignore[attr-defined]
+                redis_visits.WRITE_LUA,
+                len(visit_keys),
+                *visit_keys,
+                orjson.dumps(writes.steps),
+                orjson.dumps(writes.strings),
             )
         seen_prefix = self.key(p, "seen:")
         for generation in roll.dropped:
             pipe.unlink(*redis_dedup.generation_keys(seen_prefix, generation))  # type: ignore[attr-defined]
         if digests and roll.target is not None:
             inserts = redis_dedup.insert_plan(seen_prefix, roll.target, digests)
-            await self._insert_script(  # queued on the MULTI pipeline: in the transaction
-                keys=inserts.keys,
-                args=[orjson.dumps(inserts.groups), orjson.dumps(inserts.positions), digests],
-                client=pipe,  # type: ignore[arg-type]
+            pipe.eval(  # type: ignore[attr-defined]
+                redis_dedup.INSERT_LUA,
+                len(inserts.keys),
+                *inserts.keys,
+                orjson.dumps(inserts.groups),
+                orjson.dumps(inserts.positions),
+                digests,
             )
 
     async def read(self) -> KpiSnapshot:
