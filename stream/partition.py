@@ -25,7 +25,7 @@ from stream.identity import participant_hash
 from stream.partitioner import partition_for
 from stream.visits import Visit, VisitKey, VisitTracker
 from stream.watermark import Watermark
-from stream.windows import WINDOWS
+from stream.windows import WINDOWS, bucket_start
 
 # Names of the per-campaign counters (the store keeps them; metrics add the ``kpi_`` prefix).
 EVENT_COUNTERS = {
@@ -384,7 +384,7 @@ class PartitionState:
         for closed in self.visits.close_until(watermark_ms):
             visit = closed.visit
             first = visit.first_ms
-            key = (closed.campaign_id, first - first % _FINEST_MS)
+            key = (closed.campaign_id, bucket_start(first, _FINEST_MS))
             sums = closing.get(key)
             if sums is None:
                 sums = closing[key] = [0, 0, 0, 0]
@@ -402,7 +402,7 @@ class PartitionState:
             counters[campaign, BOUNCED] += bounced
             counters[campaign, DURATION_MS] += duration_ms
             for spec in WINDOWS:  # the finest bucket's start is in the same coarser buckets
-                bucket = spec.bucket_ms, start - start % spec.bucket_ms, campaign
+                bucket = spec.bucket_ms, bucket_start(start, spec.bucket_ms), campaign
                 windows[(*bucket, VISITS)] += visits
                 windows[(*bucket, BOUNCED)] += bounced
                 windows[(*bucket, INTERACTIONS)] += interactions
