@@ -121,7 +121,11 @@ class VisitTracker:
     def __init__(self, gap_ms: int) -> None:
         self.gap_ms = gap_ms
         self._open: dict[VisitKey, list[Visit]] = {}
-        self._deadlines: list[tuple[int, str, str]] = []  # heap of (last + gap, campaign, visitor)
+        # A heap of (deadline, campaign, visitor): each open visit has an entry whose deadline is
+        # at most its last event time plus the gap. A lower bound, not the deadline itself: an
+        # event that extends a visit pushes nothing (it was one push per event); close_until
+        # pushes the later deadline when it meets the stale one.
+        self._deadlines: list[tuple[int, str, str]] = []
         self._count = 0
         self.dirty: set[VisitKey] = set()
 
@@ -161,8 +165,7 @@ class VisitTracker:
                 if ts_ms < one.first_ms:
                     one.first_ms = ts_ms
                 elif ts_ms > one.last_ms:
-                    one.last_ms = ts_ms  # its deadline moved
-                    heapq.heappush(self._deadlines, (ts_ms + gap, campaign_id, visitor_id))
+                    one.last_ms = ts_ms  # a later deadline: its heap entry stays a lower bound
                 return
         new = Visit(ts_ms, ts_ms, page_views, interactions, 1)
         if visits is None:
@@ -192,21 +195,29 @@ class VisitTracker:
         """Close every visit whose last event time plus the gap is before ``watermark_ms``."""
         closed: list[ClosedVisit] = []
         heap = self._deadlines
+        gap = self.gap_ms
         while heap and heap[0][0] < watermark_ms:
-            deadline, campaign_id, visitor_id = heapq.heappop(heap)
+            _, campaign_id, visitor_id = heapq.heappop(heap)
             key = (campaign_id, visitor_id)
             visits = self._open.get(key)
             if not visits:
-                continue  # a stale deadline: the visit was merged or closed already
-            for i, visit in enumerate(visits):
-                if visit.last_ms + self.gap_ms == deadline:
-                    del visits[i]
-                    self._count -= 1
-                    self.dirty.add(key)
+                continue  # a stale entry: the key's visits were merged or closed already
+            kept = []
+            for visit in visits:
+                if visit.last_ms + gap < watermark_ms:
                     closed.append(ClosedVisit(campaign_id, visit))
-                    if not visits:
-                        del self._open[key]
-                    break
+                else:
+                    kept.append(visit)
+            if len(kept) < len(visits):
+                self._count -= len(visits) - len(kept)
+                self.dirty.add(key)
+                if kept:
+                    self._open[key] = kept
+                else:
+                    del self._open[key]
+            if kept:  # extended since the entry was pushed: the entry of its deadline now
+                deadline = min(v.last_ms for v in kept) + gap
+                heapq.heappush(heap, (deadline, campaign_id, visitor_id))
         if len(heap) > 2 * self._count + 1024:
             self._compact()
         return closed
