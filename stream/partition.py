@@ -22,7 +22,7 @@ import orjson
 
 from stream.events import Event, EventType, Reason, Rejection, decode_record
 from stream.identity import participant_hash
-from stream.partitioner import partition_for
+from stream.partitioner import partition_for, partitions_for
 from stream.visits import Visit, VisitKey, VisitTracker
 from stream.watermark import Watermark
 from stream.windows import WINDOWS, bucket_start
@@ -44,8 +44,8 @@ _BUCKETS_MS = sorted({spec.bucket_ms for spec in WINDOWS})
 _FINEST_MS, _COARSER_MS = _BUCKETS_MS[0], tuple(_BUCKETS_MS[1:])
 assert all(b % a == 0 for a, b in itertools.pairwise(_BUCKETS_MS)), "buckets must nest"
 
-# Visitors whose partition is remembered (murmur2 in Python is costly, and a visitor's events
-# come again and again): about 10 MB at most; a worker shares one memo among its partitions.
+# Visitors whose partition is remembered (a visitor's events come again and again): about 10 MB
+# at most; a worker shares one memo among its partitions, and forgets the older half when full.
 _HOMES_MEMO = 100_000
 
 # Window-bucket field ``u:<kind>``: the bucket has distinct-count data of that kind (not a sum).
@@ -206,11 +206,17 @@ class PartitionState:
         self._closing: dict[tuple[str, int], list[int]] = {}
 
     def visit_needs(self, decoded: Sequence[Decoded], now_s: float) -> VisitNeeds:
-        """The open visits :meth:`apply` may touch or close for this batch."""
+        """The open visits :meth:`apply` may touch or close for this batch.
+
+        Also finds the partition of the batch's visitors not met before, all at once (see
+        :func:`stream.partitioner.partitions_for`): :meth:`apply` then only looks them up.
+        """
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         bound = self.watermark.watermark_ms
         keys = []
         held = self.visits  # held visits are the store's, as of the last commit: not fetched
+        homes = self._homes
+        unknown: dict[str, None] = {}  # in order of arrival (the memo forgets the oldest first)
         for d in decoded:
             if d.record.offset <= self.offset:
                 continue
@@ -219,9 +225,21 @@ class PartitionState:
                     key = (item.campaign_id, item.visitor_id)
                     if key not in held:
                         keys.append(key)
+                        if key[1] not in homes:
+                            unknown[key[1]] = None
                     if item.ts_ms > bound:
                         bound = item.ts_ms
+        if unknown:
+            self._learn_homes(unknown)
         return VisitNeeds(keys, bound - self.limits.gap_ms)
+
+    def _learn_homes(self, visitors: Iterable[str]) -> None:
+        homes = self._homes
+        ordered = list(visitors)
+        if len(homes) + len(ordered) > _HOMES_MEMO:
+            for visitor in list(itertools.islice(homes, len(homes) // 2)):  # the older half
+                del homes[visitor]
+        homes.update(zip(ordered, partitions_for(ordered, self.partitions), strict=True))
 
     def idle_needs(self, now_s: float) -> VisitNeeds | None:
         """The open visits :meth:`idle_advance` may close now; ``None``: it would do nothing."""
@@ -318,12 +336,9 @@ class PartitionState:
         visitor = event.visitor_id
         if key is not None and key == visitor.encode():
             return True  # keyed by its visitor: the producer's partitioner chose this partition
-        homes = self._homes
-        home = homes.get(visitor)
-        if home is None:
-            if len(homes) >= _HOMES_MEMO:
-                homes.clear()
-            home = homes[visitor] = partition_for(visitor, self.partitions)
+        home = self._homes.get(visitor)
+        if home is None:  # not met by visit_needs (apply called alone): one at a time
+            home = partition_for(visitor, self.partitions)
         return home == self.partition
 
     def _reject(self, delta: Delta, record: Record, rejection: Rejection) -> None:

@@ -252,6 +252,31 @@ def test_envelope_keyed_by_one_visitor_forwards_the_others() -> None:
     assert sorted(delta.seen) == ["1", "3"]
 
 
+def test_visit_needs_finds_the_partitions_of_new_visitors_for_apply() -> None:
+    # Computed together (numpy) before apply, which then only looks them up; the memo is shared.
+    homes: dict[str, int] = {}
+    st_ = PartitionState(0, 8, LIMITS, KEY, homes=homes)
+    home, away = visitor_on(0, 8), visitor_on(0, 8, other=True)
+    decoded = decode([record(0, [event("1", visitor_id=home), event("2", visitor_id=away)], None)])
+    st_.visit_needs(decoded, NOW_S)
+    assert homes == {home: 0, away: partition_for(away, 8)}
+    delta = st_.apply(decoded, set(), NOW_S)
+    assert [f.visitor_id for f in delta.forwards] == [away] and delta.seen == ["1"]
+
+
+def test_the_partition_memo_forgets_its_older_half_when_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("stream.partition._HOMES_MEMO", 4)
+    homes: dict[str, int] = {}
+    st_ = PartitionState(0, 8, LIMITS, KEY, homes=homes)
+    for batch in (["a", "b", "c"], ["d"], ["e"]):
+        records = [record(i, event(v, visitor_id=v), None) for i, v in enumerate(batch)]
+        st_.visit_needs(decode(records), NOW_S)
+    assert list(homes) == ["c", "d", "e"]  # at "e": a, b (the older half of four) forgotten
+    assert homes == {v: partition_for(v, 8) for v in homes}
+
+
 def test_forwarded_events_are_not_deduplicated_here() -> None:
     away = visitor_on(0, 8, other=True)
     delta = apply(state(0, 8), [record(0, [event("x", visitor_id=away)] * 2, key=None)], seen={"x"})

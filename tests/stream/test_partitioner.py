@@ -8,7 +8,7 @@ from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.partitioner import murmur2, partition_for
+from stream.partitioner import murmur2, partition_for, partitions_for
 
 
 @pytest.mark.parametrize(
@@ -58,3 +58,16 @@ def test_partition_for_is_in_range_and_stable(partitions: int) -> None:
     assert got == [partition_for(k, partitions) for k in keys]
     if partitions > 1:
         assert len(set(got)) == partitions  # 200 keys spread over every partition
+
+
+@given(st.lists(st.text(max_size=48), max_size=60), st.integers(min_value=1, max_value=256))
+@settings(max_examples=300, deadline=None)
+def test_partitions_for_equals_partition_for_of_each(keys: list[str], partitions: int) -> None:
+    # Keys of every length class (words and 0-3 trailing bytes), several of one length, non-ASCII.
+    assert partitions_for(keys, partitions) == [partition_for(k, partitions) for k in keys]
+
+
+def test_partitions_for_long_and_many_keys() -> None:
+    keys = [f"{i:08x}-5b1e-4d2a-9c3f-{i * 7919:012x}" for i in range(2000)]  # UUID-shaped
+    keys += ["", "é" * 100, "🙂" * 33]
+    assert partitions_for(keys, 12) == [partition_for(k, 12) for k in keys]
