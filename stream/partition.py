@@ -249,9 +249,7 @@ class PartitionState:
     def load_visits(self, visits: Mapping[VisitKey, list[Visit]]) -> None:
         """Bring open visits from the store into memory (keys already here are kept as they are)."""
         tracker = self.visits
-        for key, found in visits.items():
-            if key not in tracker:
-                tracker.load(key, found)
+        tracker.load_many((key, found) for key, found in visits.items() if key not in tracker)
 
     def evict_visits(self, keep: int = 0, recent: Iterable[VisitKey] = ()) -> None:
         """Forget open visits held in memory, so that at most ``keep`` stay.
@@ -266,11 +264,13 @@ class PartitionState:
             return
         self.visits = kept = VisitTracker(self.limits.gap_ms)
         room = keep // 2
+        staying = []
         for key in recent:
             visits = held.get(key)
             if visits and len(visits) <= room:
-                kept.load(key, visits)
+                staying.append((key, visits))
                 room -= len(visits)
+        kept.load_many(staying)
 
     def apply(self, decoded: Sequence[Decoded], seen: set[str], now_s: float) -> Delta:
         """Apply a batch of this partition's records.

@@ -9,6 +9,7 @@ how the input was cut into batches.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from stream.events import EventType
@@ -143,10 +144,29 @@ class VisitTracker:
 
     def load(self, key: VisitKey, visits: list[Visit]) -> None:
         """Restore the open visits of ``key`` from the store (``key`` must not be here yet)."""
-        self._open[key] = sorted(visits, key=lambda v: v.first_ms)
-        self._count += len(visits)
-        for visit in visits:
-            heapq.heappush(self._deadlines, (visit.last_ms + self.gap_ms, *key))
+        self.load_many([(key, visits)])
+
+    def load_many(self, items: Iterable[tuple[VisitKey, list[Visit]]]) -> None:
+        """:meth:`load` each ``(key, visits)``; the deadline heap is rebuilt once when that is
+        cheaper than a push per visit."""
+        opened = self._open
+        gap = self.gap_ms
+        entries = []
+        for key, visits in items:
+            if len(visits) > 1:
+                visits = sorted(visits, key=_first_ms)
+                entries += [(v.last_ms + gap, *key) for v in visits]
+            else:
+                entries.append((visits[0].last_ms + gap, *key))
+            opened[key] = visits
+            self._count += len(visits)
+        heap = self._deadlines
+        if len(entries) * 8 > len(heap):
+            heap += entries
+            heapq.heapify(heap)
+        else:
+            for entry in entries:
+                heapq.heappush(heap, entry)
 
     def add(self, campaign_id: str, visitor_id: str, ts_ms: int, event_type: EventType) -> None:
         """Add one event (already known not to be late) to its visit."""
