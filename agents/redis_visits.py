@@ -62,18 +62,19 @@ for i = 2, 1 + plan[1] do
 end
 local found, at = {}, 1
 for i = 2 + plan[1], #plan, 2 do
-  local key = KEYS[plan[i]]
-  for j = at, at + plan[i + 1] - 1 do
-    local f = asked[j]
-    if not taken[f] then
-      local v = redis.call('HGET', key, f)
-      if v then
+  local last = at + plan[i + 1] - 1
+  for first = at, last, 1000 do  -- a shard's fields in one call (unpack is chunked)
+    local upto = math.min(first + 999, last)
+    local values = redis.call('HMGET', KEYS[plan[i]], unpack(asked, first, upto))
+    for j = first, upto do
+      local f, v = asked[j], values[j - first + 1]
+      if v and not taken[f] then
         found[#found + 1] = f
         found[#found + 1] = v
       end
     end
   end
-  at = at + plan[i + 1]
+  at = last + 1
 end
 return {offset, scans, found}
 """
@@ -85,6 +86,7 @@ return {offset, scans, found}
 WRITE_LUA: Final = """
 local plan, strings = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
 local at = 1
+local lower, set, remove = {}, {}, {}
 for i = 1, #plan, 6 do
   local key, shard, op, due = KEYS[plan[i]], plan[i + 1], plan[i + 2], plan[i + 3]
   local last = at + plan[i + 4] - 1
@@ -98,12 +100,24 @@ for i = 1, #plan, 6 do
   end
   at = last + 1
   if op == 1 then
-    redis.call('ZADD', KEYS[1], 'LT', due, shard)
+    lower[#lower + 1] = due
+    lower[#lower + 1] = shard
   elseif op == 2 then
-    redis.call('ZADD', KEYS[1], due, shard)
+    set[#set + 1] = due
+    set[#set + 1] = shard
   elseif op == 3 then
-    redis.call('ZREM', KEYS[1], shard)
+    remove[#remove + 1] = shard
   end
+end
+-- The index's changes, many shards per call (a call per shard was most of this script's time).
+for j = 1, #lower, 1000 do
+  redis.call('ZADD', KEYS[1], 'LT', unpack(lower, j, math.min(j + 999, #lower)))
+end
+for j = 1, #set, 1000 do
+  redis.call('ZADD', KEYS[1], unpack(set, j, math.min(j + 999, #set)))
+end
+for j = 1, #remove, 1000 do
+  redis.call('ZREM', KEYS[1], unpack(remove, j, math.min(j + 999, #remove)))
 end
 return #plan / 6
 """

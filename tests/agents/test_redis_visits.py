@@ -158,6 +158,35 @@ async def test_shards_hold_their_keys_compactly_and_fetches_cross_them(store: Re
     assert due == {k: one(1000 + i) for i, k in enumerate(keys) if 1000 + i < 1050}
 
 
+async def test_commits_across_thousands_of_shards(redis_server: EmbeddedRedis) -> None:
+    """The real shard count: one commit writes to over a thousand shards (the index changes go
+    in chunked calls), a fetch asks for every key, a due scan returns all, and closing them all
+    empties the index."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        store = RedisStore(client, partitions=1, prefix=f"t{uuid.uuid4().hex[:8]}")
+        keys = [("c", f"v{i}") for i in range(5000)]
+        shards = {open_shard(encode_key(k)) for k in keys}
+        assert len(shards) > 1000
+        await put(store, {k: one(1000 + i % 7) for i, k in enumerate(keys)})
+        assert await client.zcard(store.key(0, "due")) == len(shards)
+        got = await store.visits(0, VisitNeeds(keys, 0))
+        assert got == {k: one(1000 + i % 7) for i, k in enumerate(keys)}
+        await put(store, {k: one(2000) for k in keys[::2]}, fetch_first=3000)  # scans all
+        scores = dict(await client.zrange(store.key(0, "due"), 0, -1, withscores=True))
+        for shard in shards:  # set to the smallest due time left in each shard
+            left = [
+                1000 + i % 7 if i % 2 else 2000
+                for i, k in enumerate(keys)
+                if open_shard(encode_key(k)) == shard
+            ]
+            assert scores[str(shard).encode()] == min(left)
+        await put(store, dict.fromkeys(keys), fetch_first=3000)
+        assert await client.zcard(store.key(0, "due")) == 0
+    finally:
+        await client.aclose()
+
+
 async def test_a_stale_bound_costs_a_scan_never_a_close(store: RedisStore) -> None:
     a, b = key_in(0), key_in(0, 1)
     await put(store, {a: one(100), b: one(500)})
