@@ -225,8 +225,8 @@ class PartitionState:
                     key = (item.campaign_id, item.visitor_id)
                     if key not in held:
                         keys.append(key)
-                        if key[1] not in homes:
-                            unknown[key[1]] = None
+                    if item.visitor_id not in homes:  # held or not: the memo may have dropped it
+                        unknown[item.visitor_id] = None
                     if item.ts_ms > bound:
                         bound = item.ts_ms
         if unknown:
