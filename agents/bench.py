@@ -6,7 +6,8 @@ record, and JSON-array envelopes of 50-500 events), then measures:
 - **lean**: an aiokafka ``getmany`` + orjson + dict loop (decode and count only): the ceiling;
 - **faust-idiomatic**: a per-event Faust agent with a table increment (``bench_faust_baseline``);
 - **worker, single** and **worker, envelope**: ``kpi worker`` doing all the contract's work;
-- end-to-end latency (produced -> visible in ``/metrics``) at 50 % of the worker's envelope rate;
+- end-to-end latency (produced -> visible in ``/metrics``) of live traffic, a campaign already
+  running, at 50 % of the worker's envelope rate (the issue's point) and at 25 %;
 - memory per open visit (worker RSS + Redis ``used_memory``) with many open visits;
 - ``/metrics`` time with 1,000 campaigns: a warm median and a restarted worker's first scrape.
 
@@ -54,9 +55,17 @@ class Sizes:
     open_visits: int = 1_000_000
     campaigns: int = 1_000
     latency_s: float = 15.0
+    latency_history_s: float = 12.0
 
 
-QUICK = Sizes(events=20_000, faust_records=3_000, open_visits=50_000, campaigns=100, latency_s=5)
+QUICK = Sizes(
+    events=20_000,
+    faust_records=3_000,
+    open_visits=50_000,
+    campaigns=100,
+    latency_s=5,
+    latency_history_s=3,
+)
 
 
 def simulated_events(count: int, seed: int = 42) -> list[dict[str, object]]:
@@ -332,20 +341,80 @@ def two_workers_rate(
     return expected / (done - started)
 
 
+def produce_to_visible(
+    sent: Sequence[tuple[float, float]], seen: Sequence[tuple[float, float]]
+) -> tuple[list[float], int]:
+    """Each tick's delay, sorted, and how many ticks were never seen processed.
+
+    ``sent``: ``(time produced, events produced so far)`` per tick; ``seen``: ``(time, events
+    processed)`` per poll, in time order. A tick is visible at the first poll after it was
+    produced that counts all its events. One never seen is counted at the last poll (a lower
+    bound of its delay), not left out: leaving out the slowest ticks would flatter the p99.
+    """
+    delays = []
+    unseen = 0
+    last = seen[-1][0] if seen else 0.0
+    for produced_at, cumulative in sent:
+        visible = next((t for t, n in seen if n >= cumulative and t >= produced_at), None)
+        if visible is None:
+            unseen += 1
+            visible = max(last, produced_at)
+        delays.append(visible - produced_at)
+    delays.sort()
+    return delays, unseen
+
+
 def latency(
-    bootstrap: str, redis_url: str, rate: float, duration_s: float, workdir: Path
+    bootstrap: str,
+    redis_url: str,
+    rate: float,
+    duration_s: float,
+    workdir: Path,
+    history_s: float = 12.0,
 ) -> dict[str, float]:
-    """p50/p99 seconds from produce to visible in /metrics, at ``rate`` events/s."""
+    """p50/p99 seconds from produce to visible in /metrics, at ``rate`` events/s.
+
+    The campaign is already running when timing starts: ``history_s`` seconds of its traffic at
+    the same rate are produced first and processed. Without that history the timed traffic would be
+    a flash crowd (nearly every event a new visitor's first, 1.5 x the cost of steady traffic, see
+    docs/performance.md), not the shape the worker's max rate was measured on: in steady traffic
+    about a quarter of events are a new visitor's, as in the envelope data.
+    """
     topic = f"latency-{secrets.token_hex(4)}"
     asyncio.run(create_topics(bootstrap, [topic]))
     sim = Simulator(PARTITIONS, seed=5)
+    tick_s = 0.1
+    per_tick = max(1, int(rate * tick_s))
+    # The load is generated before it is timed: the simulator costs CPU per event, which on
+    # 2 cores would be taken from the worker. Event times follow one clock, history first.
+    start_ms = int(time.time() * 1000)
+    history: list[tuple[bytes | None, int | None, bytes]] = []
+    known: set[str] = set()
+    for i in range(-int(history_s / tick_s), 0):
+        events = sim.events(start_ms + int(i * tick_s * 1000), per_tick)
+        known.update(str(e["visitor_id"]) for e in events)
+        history.extend((None, p, v) for p, v in envelopes(events))
+    prepared = []
+    new_visitors = timed = 0
+    for i in range(int(duration_s / tick_s)):
+        events = sim.events(start_ms + int(i * tick_s * 1000), per_tick)
+        for event in events:
+            visitor = str(event["visitor_id"])
+            if visitor not in known:
+                known.add(visitor)
+                new_visitors += 1
+        timed += len(events)
+        # The same shape as the envelope measurement: one array per partition.
+        prepared.append((len(events), list(envelopes(events))))
+    preloaded = sum(len(orjson.loads(v)) for _, _, v in history)
+
     with Worker(bootstrap, redis_url, topic, workdir) as worker:
         while worker.processed() < 0:
             time.sleep(0.2)
-        # warm up: the group must be joined before we time anything
-        asyncio.run(produce(bootstrap, topic, _warm_up(sim)))
-        worker.wait_processed(PARTITIONS, timeout_s=60)
-        sent: list[tuple[float, int]] = []  # (time produced, cumulative events)
+        # The history also warms up: the group is joined and every partition held before timing.
+        asyncio.run(produce(bootstrap, topic, history))
+        worker.wait_processed(preloaded, timeout_s=120)
+        sent: list[tuple[float, float]] = []  # (time produced, cumulative events)
         seen: list[tuple[float, float]] = []
         stop = threading.Event()
 
@@ -357,22 +426,10 @@ def latency(
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
 
-        # The load is generated before it is timed: the simulator costs CPU per event, which on
-        # 2 cores would be taken from the worker. Event times follow the clock from now on.
-        tick_s = 0.1
-        per_tick = max(1, int(rate * tick_s))
-        ticks = int(duration_s / tick_s)
-        start_ms = int(time.time() * 1000)
-        prepared = []
-        for i in range(ticks):
-            events = sim.events(start_ms + int(i * tick_s * 1000), per_tick)
-            # The same shape as the envelope measurement: one array per partition.
-            prepared.append((len(events), list(envelopes(events))))
-
         async def traffic() -> None:
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
             await producer.start()
-            total = PARTITIONS
+            total = float(preloaded)
             try:
                 for count, values in prepared:
                     tick = time.perf_counter()
@@ -388,21 +445,22 @@ def latency(
                 await producer.stop()
 
         asyncio.run(traffic())
-        time.sleep(3)
+        # Every tick is waited for: a tick left out because it came late would flatter the p99.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not seen or seen[-1][1] < sent[-1][1]):
+            time.sleep(0.1)
         stop.set()
         poller.join()
-    delays = []
-    for produced_at, cumulative in sent:
-        visible = next((t for t, n in seen if n >= cumulative and t >= produced_at), None)
-        if visible is not None:
-            delays.append(visible - produced_at)
-    delays.sort()
+    delays, unseen = produce_to_visible(sent, seen)
     achieved = (sent[-1][1] - sent[0][1]) / (sent[-1][0] - sent[0][0]) if len(sent) > 1 else 0.0
     return {
         "achieved_events_per_s": achieved,
         "p50_s": statistics.median(delays),
         "p99_s": delays[min(len(delays) - 1, int(len(delays) * 0.99))],
         "samples": len(delays),
+        "unseen": unseen,
+        "history_events": preloaded,
+        "new_visitor_share": new_visitors / max(1, timed),
     }
 
 
@@ -571,12 +629,23 @@ def run(quick: bool = False) -> dict[str, Any]:
         results["two_workers_envelope_events_per_s"] = two_workers_rate(
             bootstrap, redis.url, list(envelopes(events)), sizes.events, workdir
         )
-        rate = results["worker_envelope_events_per_s"] * 0.5
-        print(f"measuring latency at {rate:,.0f} events/s…", file=sys.stderr)
-        results["latency"] = {
-            "rate_events_per_s": rate,
-            **latency(bootstrap, redis.url, rate, sizes.latency_s, workdir),
-        }
+        # The issue's point (50 % of the envelope rate), then a lighter one (25 %): where the
+        # latency target holds on this machine when it does not hold at the first.
+        for name, share in (("latency", 0.5), ("latency_quarter", 0.25)):
+            rate = results["worker_envelope_events_per_s"] * share
+            print(f"measuring latency at {rate:,.0f} events/s…", file=sys.stderr)
+            results[name] = {
+                "rate_events_per_s": rate,
+                "share_of_envelope_rate": share,
+                **latency(
+                    bootstrap,
+                    redis.url,
+                    rate,
+                    sizes.latency_s,
+                    workdir,
+                    history_s=sizes.latency_history_s,
+                ),
+            }
         print(f"measuring memory with {sizes.open_visits:,} open visits…", file=sys.stderr)
         results["memory"] = {
             "open_visits": sizes.open_visits,
@@ -590,6 +659,22 @@ def run(quick: bool = False) -> dict[str, Any]:
     print_table(results)
     print(json.dumps(results, sort_keys=True))
     return results
+
+
+def _latency_row(r: dict[str, Any]) -> tuple[str, str, str]:
+    share = r["share_of_envelope_rate"]
+    notes = [
+        f"at {r['achieved_events_per_s']:,.0f} events/s",
+        f"{r['new_visitor_share']:.0%} of events new visitors'",
+        "target p99 <= 2 s" if share == 0.5 else "lighter load, for comparison",
+    ]
+    if r["unseen"]:
+        notes.append(f"{r['unseen']} ticks never seen processed")
+    return (
+        f"latency p50 / p99 at {share:.0%} of envelope rate",
+        f"{r['p50_s'] * 1000:,.0f} / {r['p99_s'] * 1000:,.0f} ms",
+        "; ".join(notes),
+    )
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -621,12 +706,7 @@ def print_table(r: dict[str, Any]) -> None:
             f"{r['two_workers_envelope_events_per_s'] / r['worker_envelope_events_per_s']:.2f}"
             " x one worker (2 cores shared with the broker, Redis and the bench)",
         ),
-        (
-            "latency p50 / p99",
-            f"{r['latency']['p50_s'] * 1000:,.0f} / {r['latency']['p99_s'] * 1000:,.0f} ms",
-            f"at {r['latency']['achieved_events_per_s']:,.0f} events/s"
-            f" (asked {r['latency']['rate_events_per_s']:,.0f}; target p99 <= 2 s)",
-        ),
+        *(_latency_row(r[name]) for name in ("latency", "latency_quarter")),
         (
             "memory per open visit",
             f"{r['memory']['bytes_per_open_visit']:,.0f} bytes",
