@@ -393,25 +393,29 @@ def latency(
     # The load is generated before it is timed: the simulator costs CPU per event, which on
     # 2 cores would be taken from the worker. Event times follow one clock, history first.
     start_ms = int(time.time() * 1000)
-    history: list[tuple[bytes | None, int | None, bytes]] = []
-    known: set[str] = set()
-    for i in range(-int(history_s / tick_s), 0):
+    known: set[str] = set()  # the visitors met so far
+
+    def tick(i: int) -> tuple[list[dict[str, object]], int]:
+        """Tick ``i``'s events (negative: history), and how many of them are new visitors'."""
         events = sim.events(start_ms + int(i * tick_s * 1000), per_tick)
+        before = len(known)
         known.update(str(e["visitor_id"]) for e in events)
+        return events, len(known) - before
+
+    history: list[tuple[bytes | None, int | None, bytes]] = []
+    preloaded = 0
+    for i in range(-int(history_s / tick_s), 0):
+        events, _ = tick(i)
+        preloaded += len(events)
         history.extend((None, p, v) for p, v in envelopes(events))
     prepared = []
     new_visitors = timed = 0
     for i in range(int(duration_s / tick_s)):
-        events = sim.events(start_ms + int(i * tick_s * 1000), per_tick)
-        for event in events:
-            visitor = str(event["visitor_id"])
-            if visitor not in known:
-                known.add(visitor)
-                new_visitors += 1
+        events, new = tick(i)
+        new_visitors += new
         timed += len(events)
         # The same shape as the envelope measurement: one array per partition.
         prepared.append((len(events), list(envelopes(events))))
-    preloaded = sum(len(orjson.loads(v)) for _, _, v in history)
 
     with Worker(bootstrap, redis_url, topic, workdir) as worker:
         while worker.processed() < 0:

@@ -109,16 +109,14 @@ for i = 1, #plan, 6 do
     remove[#remove + 1] = shard
   end
 end
--- The index's changes, many shards per call (a call per shard was most of this script's time).
-for j = 1, #lower, 1000 do
-  redis.call('ZADD', KEYS[1], 'LT', unpack(lower, j, math.min(j + 999, #lower)))
+-- The index's changes, many shards per call (a call per shard was most of this script's time),
+-- in chunks (unpack is bounded by Lua's stack).
+local function chunked(list, call)
+  for j = 1, #list, 1000 do call(unpack(list, j, math.min(j + 999, #list))) end
 end
-for j = 1, #set, 1000 do
-  redis.call('ZADD', KEYS[1], unpack(set, j, math.min(j + 999, #set)))
-end
-for j = 1, #remove, 1000 do
-  redis.call('ZREM', KEYS[1], unpack(remove, j, math.min(j + 999, #remove)))
-end
+chunked(lower, function(...) redis.call('ZADD', KEYS[1], 'LT', ...) end)
+chunked(set, function(...) redis.call('ZADD', KEYS[1], ...) end)
+chunked(remove, function(...) redis.call('ZREM', KEYS[1], ...) end)
 return #plan / 6
 """
 

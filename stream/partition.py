@@ -230,16 +230,15 @@ class PartitionState:
                     if item.ts_ms > bound:
                         bound = item.ts_ms
         if unknown:
-            self._learn_homes(unknown)
+            self._learn_homes(list(unknown))
         return VisitNeeds(keys, bound - self.limits.gap_ms)
 
-    def _learn_homes(self, visitors: Iterable[str]) -> None:
+    def _learn_homes(self, visitors: list[str]) -> None:
         homes = self._homes
-        ordered = list(visitors)
-        if len(homes) + len(ordered) > _HOMES_MEMO:
+        if len(homes) + len(visitors) > _HOMES_MEMO:
             for visitor in list(itertools.islice(homes, len(homes) // 2)):  # the older half
                 del homes[visitor]
-        homes.update(zip(ordered, partitions_for(ordered, self.partitions), strict=True))
+        homes.update(zip(visitors, partitions_for(visitors, self.partitions), strict=True))
 
     def idle_needs(self, now_s: float) -> VisitNeeds | None:
         """The open visits :meth:`idle_advance` may close now; ``None``: it would do nothing."""
@@ -285,7 +284,6 @@ class PartitionState:
             the delta, this state must be discarded and loaded again.
         """
         delta = Delta(self.partition, self.offset, self.watermark)
-        self._closing = {}
         held = len(self.visits)
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         batch_seen: set[str] = set()
@@ -328,7 +326,6 @@ class PartitionState:
         if not self.watermark.idle_advance(now_s, self.limits.idle_advance_s):
             return None
         delta = Delta(self.partition, self.offset, self.watermark)
-        self._closing = {}
         self._close(self.watermark.watermark_ms)
         return self._finish(delta, held)
 
@@ -411,7 +408,8 @@ class PartitionState:
     def _count_closed(self, delta: Delta) -> None:
         """Add the step's closed visits to the counters and to the window of their start."""
         counters, windows = delta.counters, delta.windows
-        for (campaign, start), sums in self._closing.items():
+        closing, self._closing = self._closing, {}
+        for (campaign, start), sums in closing.items():
             visits, bounced, interactions, duration_ms = sums
             counters[campaign, VISITS] += visits
             counters[campaign, BOUNCED] += bounced
@@ -422,7 +420,6 @@ class PartitionState:
                 windows[(*bucket, BOUNCED)] += bounced
                 windows[(*bucket, INTERACTIONS)] += interactions
                 windows[(*bucket, DURATION_MS)] += duration_ms
-        self._closing = {}
 
     def _finish(self, delta: Delta, held: int) -> Delta:
         self._count_closed(delta)
