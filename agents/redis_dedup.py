@@ -23,6 +23,14 @@ it) at :data:`FILL_TARGET` per shard, and four times the shards of one that clos
 generation of :data:`SHARDS_MAX` shards is not closed early (past :data:`SHARDS_MAX` *
 :data:`FILL_MAX` ids its shards outgrow the listpack limit: still exact, less compact).
 
+**Merging.** Every look-up checks every generation kept, at a Redis call per generation and shard
+it touches: a partition whose traffic ramps up from a thousand ids to a million would keep five
+generations, each closed full, and a look-up would cost five calls per id. So a generation of at
+most :data:`MERGE_MAX` shards that fills up is *merged* instead: the commit that opens the bigger
+one moves its ids there (re-sharded) and deletes it, in the same ``MULTI``/``EXEC``. Its ids
+then sit in a generation that closes later, so they are remembered at least as long. Larger
+generations are left as they are: moving their ids would hold Redis for too long.
+
 The generations live in the partition's meta hash (field ``seen``, :func:`format_generations`),
 written with the offset in the commit's ``MULTI``/``EXEC``. Look-ups send the table they assume and
 the script checks it against the stored one, so a look-up never uses another layout than the one
@@ -39,10 +47,11 @@ duplicates on the same figures).
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
+
+import numpy as np
 
 DIGEST_BYTES: Final = 16
 SHARDS_MIN: Final = 16
@@ -50,21 +59,23 @@ SHARDS_MAX: Final = 65536  # 2**16: a shard is picked by a digest's first two by
 FILL_TARGET: Final = 32  # ids per shard a new generation is sized for
 FILL_MAX: Final = 64  # ids per shard, on average, that close a generation early
 GROWTH: Final = 4  # a generation that closed full is followed by one this many times larger
+MERGE_MAX: Final = 1024  # shards of the largest generation merged into the next when full
 
 # Both scripts walk the digests shard by shard, in chunks (Lua's stack holds a few thousand
 # values): ``groups`` is per shard ``key index, count``, ``positions`` the digests' positions,
 # shard after shard (flat JSON), ``blob`` the digests end to end (one string: no per-digest object
-# on either side). ``each`` calls ``fn(key, members, first)``, ``first`` the chunk's first index.
+# on the caller's side). Each digest is cut from the blob once, however many generations' shards
+# it is looked up in. ``each`` calls ``fn(key, members, first)``, ``first`` the chunk's first index.
 _EACH_CHUNK_LUA: Final = """
 local function each(groups, positions, blob, fn)
-  local sub, at = string.sub, 0
+  local sub, digests, at = string.sub, {}, 0
+  for from = 0, #blob - 16, 16 do digests[from / 16] = sub(blob, from + 1, from + 16) end
   for g = 1, #groups, 2 do
     local key, last = KEYS[groups[g]], at + groups[g + 1]
     for first = at + 1, last, 1000 do
       local members = {}
       for j = first, math.min(first + 999, last) do
-        local from = positions[j] * 16
-        members[#members + 1] = sub(blob, from + 1, from + 16)
+        members[#members + 1] = digests[positions[j]]
       end
       fn(key, members, first)
     end
@@ -108,6 +119,28 @@ end)
 return #groups / 2
 """
 )
+
+
+# Merge: KEYS the merged generation's shards, then every shard of the one taking its ids, in order.
+# ARGV[1] how many shards the merged one has, ARGV[2] how many the other has (a power of two).
+MERGE_LUA: Final = """
+local old, shards, byte = tonumber(ARGV[1]), tonumber(ARGV[2]), string.byte
+local into = {}
+for k = 1, old do
+  for _, member in ipairs(redis.call('SMEMBERS', KEYS[k])) do
+    local shard = (byte(member, 1) * 256 + byte(member, 2)) % shards
+    local members = into[shard]
+    if members == nil then into[shard] = {member} else members[#members + 1] = member end
+  end
+  redis.call('DEL', KEYS[k])
+end
+for shard, members in pairs(into) do
+  for j = 1, #members, 1000 do
+    redis.call('SADD', KEYS[old + 1 + shard], unpack(members, j, math.min(j + 999, #members)))
+  end
+end
+return old
+"""
 
 
 def digest(event_id: str) -> bytes:
@@ -175,11 +208,14 @@ class Roll:
         generations: The generations after the commit, oldest first.
         dropped: Generations whose keys the commit deletes.
         target: The generation receiving the commit's ids (``None`` when it has none).
+        merged: A generation that filled up: the commit moves its ids to ``target`` and deletes
+            its keys (see :data:`MERGE_LUA`).
     """
 
     generations: list[Generation]
     dropped: list[Generation] = field(default_factory=list)
     target: Generation | None = None
+    merged: Generation | None = None
 
 
 def advance(
@@ -194,7 +230,8 @@ def advance(
         adding: How many ids the commit writes.
 
     Returns:
-        The new table, the generations to drop, and the one the ids go to.
+        The new table, the generations to drop, the one the ids go to, and the one merged into
+        it.
     """
     kept: list[Generation] = []
     dropped: list[Generation] = []
@@ -209,24 +246,27 @@ def advance(
         current.closed_ms = watermark_ms  # its time is up
         current = None
     full = current is not None and current.count + adding > current.shards * FILL_MAX
+    merged = None
     if adding and full and current is not None and current.shards < SHARDS_MAX:
         current.closed_ms = watermark_ms  # full: a bigger one follows
+        if current.shards <= MERGE_MAX:  # and takes its ids
+            merged = kept.pop()
         current = None
     if adding and current is None:
-        last = kept[-1] if kept else (dropped[-1] if dropped else None)
-        shards = shards_for(adding)
+        last = merged or (kept[-1] if kept else (dropped[-1] if dropped else None))
+        shards = shards_for(adding + (merged.count if merged else 0))
         if last is not None:
             closed_full = last.closed_ms < last.start_ms + retention_ms
             follows = (
                 min(SHARDS_MAX, last.shards * GROWTH) if closed_full else shards_for(last.count)
             )
             shards = max(shards, follows)
-        number = max((g.gen for g in [*kept, *dropped]), default=-1) + 1
-        current = Generation(number, shards, watermark_ms)
+        number = max((g.gen for g in (*kept, *dropped, merged) if g is not None), default=-1) + 1
+        current = Generation(number, shards, watermark_ms, count=merged.count if merged else 0)
         kept.append(current)
     if adding and current is not None:
         current.count += adding
-    return Roll(kept, dropped, current if adding else None)
+    return Roll(kept, dropped, current if adding else None, merged)
 
 
 def shard_key(prefix: str, gen: int, shard: int) -> str:
@@ -248,22 +288,27 @@ class Plan:
     groups: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
 
-    def add(self, prefix: str, generation: Generation, heads: list[int], before: int) -> None:
-        """Add a generation's shards; ``heads`` are the digests' first two bytes (big-endian)
-        and ``before`` the number of KEYS before this plan's."""
-        mask = generation.shards - 1
-        shards = [h & mask for h in heads]
-        # Sorting and counting run in C: no Python loop per digest.
-        self.positions += sorted(range(len(shards)), key=shards.__getitem__)
-        for shard, count in sorted(Counter(shards).items()):
-            self.keys.append(shard_key(prefix, generation.gen, shard))
-            self.groups += (before + len(self.keys), count)
+    def add(self, prefix: str, generation: Generation, heads: np.ndarray, before: int) -> None:
+        """Add a generation's shards; ``heads`` are the digests' first two bytes (big-endian,
+        see :func:`heads`) and ``before`` the number of KEYS before this plan's."""
+        shards = heads & (generation.shards - 1)
+        # In numpy: a step looks up thousands of digests in each generation.
+        order = np.argsort(shards, kind="stable")
+        present, counts = np.unique(shards[order], return_counts=True)
+        first = before + len(self.keys) + 1
+        groups = np.empty(2 * len(present), dtype=np.int64)
+        groups[0::2] = np.arange(first, first + len(present))
+        groups[1::2] = counts
+        self.keys += [shard_key(prefix, generation.gen, shard) for shard in present.tolist()]
+        self.groups += groups.tolist()
+        self.positions += order.tolist()
 
 
-def heads(digests: bytes) -> list[int]:
+def heads(digests: bytes) -> np.ndarray:
     """The first two bytes of each digest in ``digests`` (end to end), as numbers: what
     :func:`shard_of` takes modulo the shards."""
-    return [digests[k] << 8 | digests[k + 1] for k in range(0, len(digests), DIGEST_BYTES)]
+    rows = np.frombuffer(digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+    return rows[:, 0].astype(np.int64) << 8 | rows[:, 1]
 
 
 def lookup_plan(prefix: str, generations: Sequence[Generation], digests: bytes) -> Plan:

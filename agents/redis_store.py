@@ -402,6 +402,17 @@ class RedisStore:
                 orjson.dumps(writes.strings),
             )
         seen_prefix = self.key(p, "seen:")
+        if roll.merged is not None and roll.target is not None:
+            merged = redis_dedup.generation_keys(seen_prefix, roll.merged)
+            into = redis_dedup.generation_keys(seen_prefix, roll.target)
+            pipe.eval(  # type: ignore[attr-defined]
+                redis_dedup.MERGE_LUA,
+                len(merged) + len(into),
+                *merged,
+                *into,
+                len(merged),
+                len(into),
+            )
         for generation in roll.dropped:
             pipe.unlink(*redis_dedup.generation_keys(seen_prefix, generation))  # type: ignore[attr-defined]
         if digests and roll.target is not None:

@@ -20,6 +20,7 @@ from agents.embedded import EmbeddedRedis
 from agents.redis_dedup import (
     FILL_MAX,
     FILL_TARGET,
+    MERGE_MAX,
     SHARDS_MAX,
     SHARDS_MIN,
     Generation,
@@ -35,6 +36,7 @@ from stream.partition import Delta
 from stream.watermark import Watermark
 
 R = 86_400_000  # the default retention, ms
+BIG = 2 * MERGE_MAX  # shards of a generation too big to merge
 H = 3_600_000
 
 
@@ -119,22 +121,40 @@ def test_the_generation_table_round_trips() -> None:
             id="R after its close: dropped",
         ),
         pytest.param(
-            [(0, 16, 5, -1, 16 * FILL_MAX - 1)],
+            [(0, BIG, 5, -1, BIG * FILL_MAX - 1)],
             6,
             2,
-            [(0, 16, 5, 6, 16 * FILL_MAX - 1), (1, 64, 6, -1, 2)],
+            [(0, BIG, 5, 6, BIG * FILL_MAX - 1), (1, 4 * BIG, 6, -1, 2)],
             [],
             1,
             id="full: closed early, four times bigger next",
         ),
         pytest.param(
-            [(0, 16, 5, 6, 16 * FILL_MAX), (1, 64, 6, -1, 2)],
+            [(0, BIG, 5, 6, BIG * FILL_MAX), (1, 4 * BIG, 6, -1, 2)],
             7,
             0,
-            [(0, 16, 5, 6, 16 * FILL_MAX), (1, 64, 6, -1, 2)],
+            [(0, BIG, 5, 6, BIG * FILL_MAX), (1, 4 * BIG, 6, -1, 2)],
             [],
             None,
             id="closed early: still kept R after its close",
+        ),
+        pytest.param(
+            [(0, 16, 5, -1, 16 * FILL_MAX - 1)],
+            6,
+            2,
+            [(1, 64, 6, -1, 16 * FILL_MAX + 1)],
+            [],
+            1,
+            id="full and small: merged into the next, four times bigger",
+        ),
+        pytest.param(
+            [(0, 1024, 5, 5 + R, 100), (1, 16, R, -1, 16 * FILL_MAX)],
+            R + 1,
+            4096,
+            [(0, 1024, 5, 5 + R, 100), (2, 256, R + 1, -1, 16 * FILL_MAX + 4096)],
+            [],
+            2,
+            id="merged with a big batch: sized for both",
         ),
         pytest.param(
             [(0, SHARDS_MAX, 5, -1, SHARDS_MAX * FILL_MAX)],
@@ -178,6 +198,9 @@ def test_advance(
     assert roll.generations == [Generation(*g) for g in after]
     assert [g.gen for g in roll.dropped] == dropped
     assert (roll.target.gen if roll.target else None) == target
+    full = [g for g in before if g.open and g.count + adding > g.shards * FILL_MAX]
+    merged = full[0].gen if adding and full and full[0].shards <= MERGE_MAX else None
+    assert (roll.merged.gen if roll.merged else None) == merged
     assert before == [Generation(*g) for g in table]  # not modified
 
 
@@ -198,6 +221,9 @@ def test_an_id_is_remembered_for_at_least_the_retention(
         watermark += step
         roll = advance(table, watermark, retention, adding)
         table = roll.generations
+        if roll.merged is not None:  # its ids moved to the target
+            assert roll.target is not None and roll.merged.shards <= MERGE_MAX
+            written = [(w, roll.target.gen if g == roll.merged.gen else g) for w, g in written]
         if adding:
             assert roll.target is not None and roll.target is table[-1] and roll.target.open
             written.append((watermark, roll.target.gen))
@@ -286,12 +312,18 @@ async def test_a_full_generation_gives_way_to_a_bigger_one_and_stays_readable(
     await remember(store, more, 1500)  # exactly full
     await remember(store, ["b0", "b1"], 2000)  # over the fill: generation 1, four times bigger
     table = parse_generations(await store.redis.hget(store.key(0, "meta"), "seen"))
-    assert [(g.gen, g.shards, g.open) for g in table] == [
-        (0, SHARDS_MIN, False),
-        (1, 4 * SHARDS_MIN, True),
+    # Generation 0 was small: merged into 1 (its ids moved, its keys gone).
+    assert [(g.gen, g.shards, g.open, g.count) for g in table] == [
+        (1, 4 * SHARDS_MIN, True, len(first) + len(more) + 2)
     ]
+    assert not await store.redis.keys(store.key(0, "seen:0:*"))
     probe = [*first[:50], *more[-50:], "b0", "b1", "c"]
     assert await store.seen(0, probe) == {*first[:50], *more[-50:], "b0", "b1"}
+    for shard in range(4 * SHARDS_MIN):  # re-sharded: each id in its shard of generation 1
+        members = await store.redis.smembers(store.key(0, f"seen:1:{shard}"))
+        assert all(shard_of(m, 4 * SHARDS_MIN) == shard for m in members)
+    remembered = [*first, *more, "b0", "b1"]
+    assert await store.seen(0, remembered) == set(remembered)
 
 
 async def test_a_lookup_never_uses_a_table_the_store_no_longer_has(
