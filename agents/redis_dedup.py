@@ -27,12 +27,12 @@ generation of :data:`SHARDS_MAX` shards is not closed early (past :data:`SHARDS_
 it touches: a partition whose traffic ramps up from a thousand ids to a million would keep five
 generations, each closed full, and a look-up would cost five calls per id. So a generation of at
 most :data:`MERGE_MAX` shards that fills up is *merged* instead: the commit that opens the bigger
-one moves its ids there (re-sharded) and deletes it, in the same ``MULTI``/``EXEC``. Its ids
+one moves its ids there (re-sharded) and deletes it, in the same commit script. Its ids
 then sit in a generation that closes later, so they are remembered at least as long. Larger
 generations are left as they are: moving their ids would hold Redis for too long.
 
 The generations live in the partition's meta hash (field ``seen``, :func:`format_generations`),
-written with the offset in the commit's ``MULTI``/``EXEC``. Look-ups send the table they assume and
+written with the offset by the commit's script. Look-ups send the table they assume and
 the script checks it against the stored one, so a look-up never uses another layout than the one
 stored.
 
@@ -108,39 +108,36 @@ return out
 """
 )
 
-# Insert: KEYS the shard sets. ARGV[1] the groups, ARGV[2] the positions, ARGV[3] the digests.
-INSERT_LUA: Final = (
+# Functions of the commit's script (agents.redis_store).
+# Insert: ``groups``, ``positions`` and ``blob`` as above (JSON, JSON, the digests); the groups' key
+# indices are the shard sets' indices in the script's KEYS.
+# Merge: KEYS[base + 1 ..] the merged generation's ``old`` shards, then every shard of the one
+# taking its ids, in order (``shards`` of them, a power of two).
+COMMIT_LUA: Final = (
     _EACH_CHUNK_LUA
     + """
-local groups = cjson.decode(ARGV[1])
-each(groups, cjson.decode(ARGV[2]), ARGV[3], function(key, members)
-  redis.call('SADD', key, unpack(members))
-end)
-return #groups / 2
+local function insert_ids(groups, positions, blob)
+  each(cjson.decode(groups), cjson.decode(positions), blob, function(key, members)
+    redis.call('SADD', key, unpack(members))
+  end)
+end
+
+local function merge_generation(base, old, shards)
+  local byte, into = string.byte, {}
+  for k = base + 1, base + old do
+    for _, member in ipairs(redis.call('SMEMBERS', KEYS[k])) do
+      local shard = (byte(member, 1) * 256 + byte(member, 2)) % shards
+      local members = into[shard]
+      if members == nil then into[shard] = {member} else members[#members + 1] = member end
+    end
+    redis.call('DEL', KEYS[k])
+  end
+  for shard, members in pairs(into) do
+    chunked(members, function(...) redis.call('SADD', KEYS[base + old + 1 + shard], ...) end)
+  end
+end
 """
 )
-
-
-# Merge: KEYS the merged generation's shards, then every shard of the one taking its ids, in order.
-# ARGV[1] how many shards the merged one has, ARGV[2] how many the other has (a power of two).
-MERGE_LUA: Final = """
-local old, shards, byte = tonumber(ARGV[1]), tonumber(ARGV[2]), string.byte
-local into = {}
-for k = 1, old do
-  for _, member in ipairs(redis.call('SMEMBERS', KEYS[k])) do
-    local shard = (byte(member, 1) * 256 + byte(member, 2)) % shards
-    local members = into[shard]
-    if members == nil then into[shard] = {member} else members[#members + 1] = member end
-  end
-  redis.call('DEL', KEYS[k])
-end
-for shard, members in pairs(into) do
-  for j = 1, #members, 1000 do
-    redis.call('SADD', KEYS[old + 1 + shard], unpack(members, j, math.min(j + 999, #members)))
-  end
-end
-return old
-"""
 
 
 def digest(event_id: str) -> bytes:
@@ -209,7 +206,7 @@ class Roll:
         dropped: Generations whose keys the commit deletes.
         target: The generation receiving the commit's ids (``None`` when it has none).
         merged: A generation that filled up: the commit moves its ids to ``target`` and deletes
-            its keys (see :data:`MERGE_LUA`).
+            its keys (see :data:`COMMIT_LUA`).
     """
 
     generations: list[Generation]
@@ -282,7 +279,7 @@ def generation_keys(prefix: str, generation: Generation) -> list[str]:
 @dataclass(slots=True)
 class Plan:
     """Where a script finds each digest: shard keys, then per shard ``key index, count`` and the
-    digests' positions shard after shard (see :data:`LOOKUP_LUA`, :data:`INSERT_LUA`)."""
+    digests' positions shard after shard (see :data:`LOOKUP_LUA`, :data:`COMMIT_LUA`)."""
 
     keys: list[str] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
@@ -320,8 +317,9 @@ def lookup_plan(prefix: str, generations: Sequence[Generation], digests: bytes) 
     return plan
 
 
-def insert_plan(prefix: str, generation: Generation, digests: bytes) -> Plan:
-    """The plan of :data:`INSERT_LUA` for ``digests`` end to end."""
+def insert_plan(prefix: str, generation: Generation, digests: bytes, before: int = 0) -> Plan:
+    """The plan of :data:`COMMIT_LUA`'s insert for ``digests`` end to end, its keys after
+    ``before`` others in the script's KEYS."""
     plan = Plan()
-    plan.add(prefix, generation, heads(digests), before=0)
+    plan.add(prefix, generation, heads(digests), before=before)
     return plan

@@ -6,7 +6,7 @@ bucket HyperLogLogs), nearly all unchanged since the scrape before. The reader k
 process:
 
 - **each partition's hashes** (counters, pipeline totals, window buckets), valid while the
-  partition's ``meta`` hash is unchanged: every commit rewrites ``meta`` in its ``MULTI`` and
+  partition's ``meta`` hash is unchanged: every commit rewrites ``meta`` in its script and
   increments its ``rev`` field there, so an unchanged ``meta`` is an unchanged partition;
 - **each distinct count**, keyed by ``(campaign, window, kind)`` with the starts of the buckets
   it covered (those holding data) and the campaign's *distinct-count version*: a counter that

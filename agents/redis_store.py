@@ -25,7 +25,8 @@ why a stale bound never misses a close) and :mod:`agents.redis_dedup` (the diges
 generations of event time and the retention they guarantee). The meta hash's ``layout`` field
 names this layout: a partition written by another one is refused (:class:`StoreLayoutError`).
 
-Every key a commit writes carries its partition's hash tag, so one ``MULTI``/``EXEC`` applies a
+Every key a commit writes carries its partition's hash tag, so one script (:data:`_COMMIT_LUA`,
+fenced inside on the applied offset and commit count) applies a
 batch atomically with its offset, on a single Redis or a Redis Cluster. HyperLogLogs are keyed by
 campaign instead (one ``PFCOUNT`` unions a window's buckets across partitions); ``PFADD`` is
 idempotent, so they are written before the commit, outside it. The script that adds to them also
@@ -44,10 +45,10 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
 
 from agents import redis_dedup, redis_visits
 from agents.redis_dedup import digest, format_generations, parse_generations
@@ -88,26 +89,90 @@ return changed
 """
 
 
-# The commit's sums and marks in one call (queued in its MULTI: a command per field would cost the
-# worker more than the work itself in packing and parsing). KEYS[1] the window-bucket index, then
-# the hashes written. ARGV[1] per hash (KEYS[2] onwards): ``[increments, marks, start]``, where
-# increments are ``field, n, ...`` (n as text: exact), marks the fields set to 1 (see
-# stream.partition.UNIQUE_MARK), and start the window bucket's start for the index (-1: none).
-_APPLY_LUA = """
-local ops = cjson.decode(ARGV[1])
-for k = 1, #ops do
-  local key, op = KEYS[k + 1], ops[k]
-  local increments, marks = op[1], op[2]
-  for i = 1, #increments, 2 do
-    redis.call('HINCRBY', key, increments[i], increments[i + 1])
-  end
-  for i = 1, #marks do
-    redis.call('HSET', key, marks[i], 1)
-  end
-  if op[3] >= 0 then redis.call('ZADD', KEYS[1], op[3], key) end
+# The commit, one script: atomic as a MULTI/EXEC (and written to the AOF as one), with its fence
+# inside, where WATCH, two reads and MULTI/EXEC cost the worker four round trips per step.
+# KEYS[1] the meta hash, KEYS[2] the window-bucket index, then each part's keys in order.
+# ARGV[1] (JSON): the fence (the applied offset, the commit count ``rev`` (-1: not checked) and the
+# dedup generations the commit was computed on), meta's new fields, the oldest window bucket kept
+# (text), and the parts, ``[name, keys, args]`` each; then the parts' arguments in order.
+# Returns false when fenced out, else the new ``rev`` and the window buckets past retention: the
+# next commit deletes them (a script may touch only the keys it is given).
+_COMMIT_LUA = (
+    """
+local function chunked(list, call, first, last)
+  first, last = first or 1, last or #list
+  for j = first, last, 1000 do call(unpack(list, j, math.min(j + 999, last))) end
 end
-return #ops
+
+-- Sums and marks, per hash KEYS[base + k]: ``[increments, marks, start]``, where increments are
+-- ``field, n, ...`` (n as text: exact), marks the fields set to 1 (stream.partition.UNIQUE_MARK)
+-- and start the window bucket's start for the index (-1: none).
+local function apply(base, ops)
+  ops = cjson.decode(ops)
+  for k = 1, #ops do
+    local key, op = KEYS[base + k], ops[k]
+    local increments, marks = op[1], op[2]
+    for i = 1, #increments, 2 do
+      redis.call('HINCRBY', key, increments[i], increments[i + 1])
+    end
+    for i = 1, #marks do
+      redis.call('HSET', key, marks[i], 1)
+    end
+    if op[3] >= 0 then redis.call('ZADD', KEYS[2], op[3], key) end
+  end
+end
+
+-- Deletes KEYS[base + 1 .. base + count]; window buckets also leave the index.
+local function delete(base, count, buckets)
+  local keys = {}
+  for k = base + 1, base + count do keys[#keys + 1] = KEYS[k] end
+  chunked(keys, function(...) redis.call('UNLINK', ...) end)
+  if buckets then chunked(keys, function(...) redis.call('ZREM', KEYS[2], ...) end) end
+end
 """
+    + redis_visits.WRITE_LUA
+    + redis_dedup.COMMIT_LUA
+    + """
+local head = cjson.decode(ARGV[1])
+local meta = KEYS[1]
+local stored = redis.call('HMGET', meta, 'offset', 'rev', 'seen')
+if tonumber(stored[1] or -1) ~= head[1] then return false end
+if head[2] >= 0 and tonumber(stored[2] or 0) ~= head[2] then return false end
+if (stored[3] or '') ~= head[3] then return false end
+local rev = redis.call('HINCRBY', meta, 'rev', 1)
+redis.call('HSET', meta, unpack(head[4]))
+local base, at = 2, 2
+for _, part in ipairs(head[6]) do
+  local name, count = part[1], part[2]
+  if name == 'expired' then delete(base, count, true)
+  elseif name == 'apply' then apply(base, ARGV[at])
+  elseif name == 'visits' then write_visits(base, ARGV[at], ARGV[at + 1])
+  elseif name == 'merge' then
+    local old = tonumber(ARGV[at])
+    merge_generation(base, old, count - old)
+  elseif name == 'drop' then delete(base, count, false)
+  elseif name == 'ids' then insert_ids(ARGV[at], ARGV[at + 1], ARGV[at + 2])
+  end
+  base, at = base + count, at + part[3]
+end
+return {rev, redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. head[5])}
+"""
+)
+
+
+@dataclass(slots=True)
+class _Parts:
+    """The keys, arguments and parts of one call of :data:`_COMMIT_LUA`."""
+
+    keys: list[str | bytes]
+    parts: list[tuple[str, int, int]] = field(default_factory=list)
+    args: list[str | bytes | int] = field(default_factory=list)
+
+    def add(self, name: str, keys: Sequence[str | bytes], *args: str | bytes | int) -> None:
+        """A part: its keys follow those of the parts before it."""
+        self.parts.append((name, len(keys), len(args)))
+        self.keys += keys
+        self.args += args
 
 
 def _text(value: object) -> str:
@@ -152,6 +217,7 @@ class RedisStore:
         self._revs: dict[int, int] = {}
         self._reader = SnapshotReader(redis, partitions, self, read_cache_max_age_s, clock)
         self._lookup_script = redis.register_script(redis_dedup.LOOKUP_LUA)
+        self._commit_script = redis.register_script(_COMMIT_LUA)
         self._fetch_script = redis.register_script(redis_visits.FETCH_LUA)
         # Per partition, what the last commit (or read) found of the dedup generations, and the
         # last fetch's view of the due shards for the next commit (see agents.redis_visits).
@@ -160,6 +226,9 @@ class RedisStore:
         # Per partition, the digests of the last look-up's ids: its commit stores those of the
         # ids it counted (hashing each id once per step, not twice).
         self._digests: dict[int, dict[str, bytes]] = {}
+        # Per partition, the window buckets past retention its last commit found: its next
+        # commit deletes them.
+        self._expired: dict[int, list[bytes]] = {}
 
     def key(self, partition: int, name: str) -> str:
         """A key of one partition's state."""
@@ -221,8 +290,8 @@ class RedisStore:
             index[shard] = len(keys)
         plan = [len(index), *index.values()]
         wanted: defaultdict[int, list[str]] = defaultdict(list)
-        for field in {encode_key(k) for k in needs.keys}:
-            wanted[open_shard(field)].append(field)
+        for name in {encode_key(k) for k in needs.keys}:
+            wanted[open_shard(name)].append(name)
         if not index and not wanted:
             self._scans.pop(partition, None)  # nothing scanned: the commit only lowers bounds
             return {}
@@ -297,71 +366,60 @@ class RedisStore:
 
     async def commit(self, delta: Delta, expected_offset: int, dedup_retention_ms: int) -> bool:
         p = delta.partition
-        meta = self.key(p, "meta")
-        buckets_index = self.key(p, "wb")
-        oldest_bucket_ms = delta.watermark.newest_event_ms - RETENTION_MS
         scan = self._scans.pop(p, None)
         known = self._digests.pop(p, {})
         digests = b"".join([known.get(i) or digest(i) for i in delta.seen])
         del known
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(meta)
-                stored, generations, rev = await pipe.hmget(meta, ["offset", "seen", "rev"])
-                if (int(stored) if stored is not None else -1) != expected_offset:
-                    return False
-                # The offset alone does not fence an idle advance (it keeps the offset): the
-                # partition must not have been committed at all since this worker read it.
-                revision = int(rev or 0)
-                if self._revs.get(p, revision) != revision:
-                    return False
-                expired = await pipe.zrangebyscore(buckets_index, "-inf", f"({oldest_bucket_ms}")
-                roll = redis_dedup.advance(
-                    parse_generations(generations),
-                    delta.watermark.watermark_ms,
-                    dedup_retention_ms,
-                    len(delta.seen),
-                )
-                # The fetch's view of the due shards holds only if nothing was committed since.
-                valid_scan = scan if scan is not None and scan.offset == expected_offset else None
-                pipe.multi()  # type: ignore[no-untyped-call]
-                await self._write(pipe, delta, roll, valid_scan, digests)
-                if expired:
-                    pipe.delete(*expired)
-                    pipe.zrem(buckets_index, *expired)
-                await pipe.execute()
-        except WatchError:
-            return False
-        self._revs[p] = revision + 1  # this commit's HINCRBY
-        self._generations[p] = format_generations(roll.generations)
-        return True
-
-    async def _write(
-        self,
-        pipe: object,
-        delta: Delta,
-        roll: redis_dedup.Roll,
-        scan: Scan | None,
-        digests: bytes,
-    ) -> None:
-        """Queue the writes of ``delta`` on a ``MULTI`` pipeline; ``digests`` of ``delta.seen``."""
-        p = delta.partition
+        expired = self._expired.pop(p, [])
+        assumed = self._generations.get(p)
+        if assumed is None:
+            assumed = _text(await self.redis.hget(self.key(p, "meta"), "seen"))
+        roll = redis_dedup.advance(
+            parse_generations(assumed),
+            delta.watermark.watermark_ms,
+            dedup_retention_ms,
+            len(delta.seen),
+        )
+        # The fetch's view of the due shards holds only if nothing was committed since: the
+        # offset is checked here, the commit count by the script's fence.
+        valid_scan = scan if scan is not None and scan.offset == expected_offset else None
         wm = delta.watermark
         # ``rev`` changes with every commit: readers cache a partition while its meta is the same.
-        pipe.hincrby(self.key(p, "meta"), "rev", 1)  # type: ignore[attr-defined]
-        pipe.hset(  # type: ignore[attr-defined]
-            self.key(p, "meta"),
-            mapping={
-                "offset": delta.offset,
-                "watermark_ms": wm.watermark_ms,
-                "newest_event_ms": wm.newest_event_ms,
-                "open_visits": delta.open_visits,
-                "layout": LAYOUT,
-                "seen": format_generations(roll.generations),
-            },
-        )
-        # Per hash: increments, marks, window start (see _APPLY_LUA).
-        keys = [self.key(p, "wb")]
+        generations = format_generations(roll.generations)
+        meta = ["offset", str(delta.offset), "watermark_ms", str(wm.watermark_ms)]
+        meta += ("newest_event_ms", str(wm.newest_event_ms), "open_visits", str(delta.open_visits))
+        meta += ("layout", LAYOUT, "seen", generations)
+        parts = _Parts([self.key(p, "meta"), self.key(p, "wb")])
+        if expired:
+            parts.add("expired", expired)
+        self._add_sums(parts, delta)
+        writes = redis_visits.write_plan(delta.visits, valid_scan)
+        if writes.shards:
+            visit_keys = [self.key(p, "due"), *(self.key(p, f"open:{s}") for s in writes.shards)]
+            steps, strings = orjson.dumps(writes.steps), orjson.dumps(writes.strings)
+            parts.add("visits", visit_keys, steps, strings)
+        self._add_dedup(parts, p, roll, digests)
+        head = [
+            expected_offset,
+            self._revs.get(p, -1),
+            assumed,
+            meta,
+            str(wm.newest_event_ms - RETENTION_MS),  # the oldest window bucket kept
+            parts.parts,
+        ]
+        reply = await self._commit_script(keys=parts.keys, args=[orjson.dumps(head), *parts.args])
+        if not reply:
+            return False  # fenced out: another worker committed since this one read
+        rev, self._expired[p] = reply
+        self._revs[p] = int(rev)
+        self._generations[p] = generations
+        return True
+
+    def _add_sums(self, parts: _Parts, delta: Delta) -> None:
+        """The part of the counters, pipeline totals and window sums (see ``apply`` in
+        :data:`_COMMIT_LUA`): per hash, increments, marks and window start."""
+        p = delta.partition
+        keys: list[str] = []
         ops: list[tuple[list[str], list[str], int]] = []
         counters = [
             x
@@ -387,44 +445,21 @@ class RedisStore:
             keys.append(self.key(p, f"w:{bucket_ms}:{start_ms}"))
             ops.append((increments, marks, start_ms))
         if ops:
-            pipe.eval(_APPLY_LUA, len(keys), *keys, orjson.dumps(ops))  # type: ignore[attr-defined]
-        # Scripts in the MULTI go by EVAL, not EVALSHA: a script missing from Redis's cache
-        # would fail alone at EXEC while the rest applies, and making sure it is there first
-        # (what redis-py's pipelines do) costs a round trip per commit.
-        writes = redis_visits.write_plan(delta.visits, scan)
-        if writes.shards:
-            visit_keys = [self.key(p, "due"), *(self.key(p, f"open:{s}") for s in writes.shards)]
-            pipe.eval(  # type: ignore[attr-defined]
-                redis_visits.WRITE_LUA,
-                len(visit_keys),
-                *visit_keys,
-                orjson.dumps(writes.steps),
-                orjson.dumps(writes.strings),
-            )
-        seen_prefix = self.key(p, "seen:")
+            parts.add("apply", keys, orjson.dumps(ops))
+
+    def _add_dedup(self, parts: _Parts, p: int, roll: redis_dedup.Roll, digests: bytes) -> None:
+        """The parts of the counted ids: a generation merged, those dropped, the ids added."""
+        prefix = self.key(p, "seen:")
         if roll.merged is not None and roll.target is not None:
-            merged = redis_dedup.generation_keys(seen_prefix, roll.merged)
-            into = redis_dedup.generation_keys(seen_prefix, roll.target)
-            pipe.eval(  # type: ignore[attr-defined]
-                redis_dedup.MERGE_LUA,
-                len(merged) + len(into),
-                *merged,
-                *into,
-                len(merged),
-                len(into),
-            )
+            merged = redis_dedup.generation_keys(prefix, roll.merged)
+            into = redis_dedup.generation_keys(prefix, roll.target)
+            parts.add("merge", [*merged, *into], len(merged))
         for generation in roll.dropped:
-            pipe.unlink(*redis_dedup.generation_keys(seen_prefix, generation))  # type: ignore[attr-defined]
+            parts.add("drop", redis_dedup.generation_keys(prefix, generation))
         if digests and roll.target is not None:
-            inserts = redis_dedup.insert_plan(seen_prefix, roll.target, digests)
-            pipe.eval(  # type: ignore[attr-defined]
-                redis_dedup.INSERT_LUA,
-                len(inserts.keys),
-                *inserts.keys,
-                orjson.dumps(inserts.groups),
-                orjson.dumps(inserts.positions),
-                digests,
-            )
+            inserts = redis_dedup.insert_plan(prefix, roll.target, digests, len(parts.keys))
+            positions = orjson.dumps(inserts.positions)
+            parts.add("ids", inserts.keys, orjson.dumps(inserts.groups), positions, digests)
 
     async def read(self) -> KpiSnapshot:
         return await self._reader.read()

@@ -17,7 +17,7 @@ is never above the due time of any of its entries; a bound below them only costs
   partition's applied offset. The commit that follows sets the shard's bound to the smallest due
   time of: those entries, the returned ones it did not rewrite or delete, and the ones it writes
   (or removes the shard from the index when nothing is left). It does so only when the stored
-  offset is still the scanned one (checked under the commit's ``WATCH``), i.e. nothing else was
+  offset is still the scanned one (checked by the commit's script), i.e. nothing else was
   committed to the partition in between; otherwise the bound is only lowered, as for any write.
 """
 
@@ -79,45 +79,40 @@ end
 return {offset, scans, found}
 """
 
-# Write: KEYS[1] the due index, then shard hashes. ARGV[1] per shard ``key index, shard, op, due,
-# deletes, upserts`` and ARGV[2] shard by shard the fields to delete, then the fields and values to
-# set (JSON). op 0: leave the shard's bound, 1: lower it to due, 2: set it to due, 3: remove the
-# shard from the index.
+# Write, a function of the commit's script (agents.redis_store): KEYS[base + 1] the due index, then
+# shard hashes. ``plan`` per shard ``key index (from base), shard, op, due, deletes, upserts`` and
+# ``strings`` shard by shard the fields to delete, then the fields and values to set (JSON). op 0:
+# leave the shard's bound, 1: lower it to due, 2: set it to due, 3: remove the shard from the index.
+# ``chunked(list, fn)`` (defined by the script) calls ``fn`` on the list in slices: Lua's stack
+# holds a few thousand values.
 WRITE_LUA: Final = """
-local plan, strings = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
-local at = 1
-local lower, set, remove = {}, {}, {}
-for i = 1, #plan, 6 do
-  local key, shard, op, due = KEYS[plan[i]], plan[i + 1], plan[i + 2], plan[i + 3]
-  local last = at + plan[i + 4] - 1
-  for j = at, last, 1000 do
-    redis.call('HDEL', key, unpack(strings, j, math.min(j + 999, last)))
+local function write_visits(base, plan, strings)
+  plan, strings = cjson.decode(plan), cjson.decode(strings)
+  local at, due_index = 1, KEYS[base + 1]
+  local lower, set, remove = {}, {}, {}
+  for i = 1, #plan, 6 do
+    local key, shard, op, due = KEYS[base + plan[i]], plan[i + 1], plan[i + 2], plan[i + 3]
+    local last = at + plan[i + 4] - 1
+    chunked(strings, function(...) redis.call('HDEL', key, ...) end, at, last)
+    at = last + 1
+    last = at + 2 * plan[i + 5] - 1
+    chunked(strings, function(...) redis.call('HSET', key, ...) end, at, last)
+    at = last + 1
+    if op == 1 then
+      lower[#lower + 1] = due
+      lower[#lower + 1] = shard
+    elseif op == 2 then
+      set[#set + 1] = due
+      set[#set + 1] = shard
+    elseif op == 3 then
+      remove[#remove + 1] = shard
+    end
   end
-  at = last + 1
-  last = at + 2 * plan[i + 5] - 1
-  for j = at, last, 1000 do
-    redis.call('HSET', key, unpack(strings, j, math.min(j + 999, last)))
-  end
-  at = last + 1
-  if op == 1 then
-    lower[#lower + 1] = due
-    lower[#lower + 1] = shard
-  elseif op == 2 then
-    set[#set + 1] = due
-    set[#set + 1] = shard
-  elseif op == 3 then
-    remove[#remove + 1] = shard
-  end
+  -- The index's changes, many shards per call (a call per shard was most of this time).
+  chunked(lower, function(...) redis.call('ZADD', due_index, 'LT', ...) end)
+  chunked(set, function(...) redis.call('ZADD', due_index, ...) end)
+  chunked(remove, function(...) redis.call('ZREM', due_index, ...) end)
 end
--- The index's changes, many shards per call (a call per shard was most of this script's time),
--- in chunks (unpack is bounded by Lua's stack).
-local function chunked(list, call)
-  for j = 1, #list, 1000 do call(unpack(list, j, math.min(j + 999, #list))) end
-end
-chunked(lower, function(...) redis.call('ZADD', KEYS[1], 'LT', ...) end)
-chunked(set, function(...) redis.call('ZADD', KEYS[1], ...) end)
-chunked(remove, function(...) redis.call('ZREM', KEYS[1], ...) end)
-return #plan / 6
 """
 
 KEEP, LOWER, SET, REMOVE = 0, 1, 2, 3  # what a write does to its shard's bound
@@ -165,7 +160,7 @@ class WritePlan:
     """The arguments of :data:`WRITE_LUA` but the keys' names.
 
     Attributes:
-        shards: The shards written, in the order of their keys (``KEYS[2]`` onwards).
+        shards: The shards written, in the order of their keys (``KEYS[base + 2]`` onwards).
         steps: Per shard ``key index, shard, op, due, deletes, upserts`` (flat).
         strings: Shard by shard, the fields to delete, then the fields and values to set.
     """

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -15,10 +16,19 @@ from redis.exceptions import ResponseError
 from agents.embedded import EmbeddedRedis
 from agents.redis_store import RedisStore
 from stream.kpis import KpiSnapshot
-from stream.partition import UNIQUE_VISITORS, Limits, PartitionState, Record, candidate_ids, decode
+from stream.partition import (
+    UNIQUE_VISITORS,
+    Delta,
+    Limits,
+    PartitionState,
+    Record,
+    candidate_ids,
+    decode,
+)
 from stream.partitioner import partition_for
 from stream.store import MemoryStore, Store
-from stream.windows import WINDOWS
+from stream.watermark import Watermark
+from stream.windows import RETENTION_MS, WINDOWS
 from tests.stream.factories import DEDUP_RETENTION_MS, H_MS, KEY, MIN_MS, event, record
 from tests.stream.factories import scenario_batches as scenario
 
@@ -258,3 +268,22 @@ async def test_a_new_store_marker_drops_every_cached_count(store: RedisStore, re
     await redis.set(store.unique_version_key("c1"), version or b"")
     await store.marker(create=True)
     assert uniques(await store.read(), "c1", "1h") == 2
+
+
+async def test_window_buckets_past_retention_are_deleted_by_the_next_commit(
+    store: RedisStore, redis: Redis
+) -> None:
+    """A commit finds the buckets past retention; the one after it deletes them (a script
+    touches only the keys it is given)."""
+    old, kept = (MIN_MS, H_MS, "c1", "visits"), (MIN_MS, H_MS + MIN_MS, "c1", "visits")
+    first = Delta(0, 0, Watermark(H_MS, H_MS), windows=Counter({old: 1, kept: 1}))
+    assert await store.commit(first, -1, DEDUP_RETENTION_MS)
+    later = H_MS + MIN_MS + RETENTION_MS  # the oldest bucket kept starts at H_MS + MIN_MS
+    assert await store.commit(Delta(0, 1, Watermark(later, later)), 0, DEDUP_RETENTION_MS)
+    old_key = store.key(0, f"w:{MIN_MS}:{H_MS}")
+    kept_key = store.key(0, f"w:{MIN_MS}:{H_MS + MIN_MS}")
+    assert await redis.exists(old_key)  # found, not yet deleted
+    assert await store.commit(Delta(0, 2, Watermark(later, later)), 1, DEDUP_RETENTION_MS)
+    assert not await redis.exists(old_key)
+    assert await redis.exists(kept_key)
+    assert await redis.zrange(store.key(0, "wb"), 0, -1) == [kept_key.encode()]
