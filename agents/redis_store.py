@@ -124,10 +124,9 @@ end
 
 -- Deletes KEYS[base + 1 .. base + count]; window buckets also leave the index.
 local function delete(base, count, buckets)
-  local keys = {}
-  for k = base + 1, base + count do keys[#keys + 1] = KEYS[k] end
-  chunked(keys, function(...) redis.call('UNLINK', ...) end)
-  if buckets then chunked(keys, function(...) redis.call('ZREM', KEYS[2], ...) end) end
+  local first, last = base + 1, base + count
+  chunked(KEYS, function(...) redis.call('UNLINK', ...) end, first, last)
+  if buckets then chunked(KEYS, function(...) redis.call('ZREM', KEYS[2], ...) end, first, last) end
 end
 """
     + redis_visits.WRITE_LUA
@@ -139,6 +138,7 @@ local stored = redis.call('HMGET', meta, 'offset', 'rev', 'seen')
 if tonumber(stored[1] or -1) ~= head[1] then return false end
 if head[2] >= 0 and tonumber(stored[2] or 0) ~= head[2] then return false end
 if (stored[3] or '') ~= head[3] then return false end
+-- ``rev`` changes with every commit: readers cache a partition while its meta is the same.
 local rev = redis.call('HINCRBY', meta, 'rev', 1)
 redis.call('HSET', meta, unpack(head[4]))
 local base, at = 2, 2
@@ -374,17 +374,13 @@ class RedisStore:
         assumed = self._generations.get(p)
         if assumed is None:
             assumed = _text(await self.redis.hget(self.key(p, "meta"), "seen"))
+        wm = delta.watermark
         roll = redis_dedup.advance(
-            parse_generations(assumed),
-            delta.watermark.watermark_ms,
-            dedup_retention_ms,
-            len(delta.seen),
+            parse_generations(assumed), wm.watermark_ms, dedup_retention_ms, len(delta.seen)
         )
         # The fetch's view of the due shards holds only if nothing was committed since: the
         # offset is checked here, the commit count by the script's fence.
         valid_scan = scan if scan is not None and scan.offset == expected_offset else None
-        wm = delta.watermark
-        # ``rev`` changes with every commit: readers cache a partition while its meta is the same.
         generations = format_generations(roll.generations)
         meta = ["offset", str(delta.offset), "watermark_ms", str(wm.watermark_ms)]
         meta += ("newest_event_ms", str(wm.newest_event_ms), "open_visits", str(delta.open_visits))
