@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import orjson
 import pytest
 import redis
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agents.metrics import StoreCollector
@@ -261,6 +261,39 @@ async def publish(
         await asyncio.gather(*sends)
     finally:
         await producer.stop()
+
+
+def landed(deployment: Deployment, planned: Sequence[Planned]) -> list[Planned]:
+    """The records in the deployment's events topic, partition by partition in offset order: the
+    truth of a test whose traffic a broker outage cut.
+
+    The traffic's producer is not idempotent (the embedded broker does not support it): a send
+    cut after the broker appended it is sent again and lands twice. The worker rightly counts
+    those events as duplicates (or a malformed record's second copy as a second rejection), so
+    the truth is taken from what landed, not from what was planned.
+    """
+    env = deployment.env
+    topic_records = _read_topic(env["KPI_KAFKA_BOOTSTRAP"], env["KPI_EVENTS_TOPIC"], len(planned))
+    return asyncio.run(topic_records)
+
+
+async def _read_topic(bootstrap: str, topic: str, want: int) -> list[Planned]:
+    """Every record of ``topic``: at least ``want``, and until a poll finds no more."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    found: defaultdict[int, list[tuple[int, Planned]]] = defaultdict(list)
+    try:
+        deadline, count, more = time.monotonic() + 30, 0, True
+        while (count < want or more) and time.monotonic() < deadline:
+            batches = (await consumer.getmany(timeout_ms=500)).values()
+            more = any(batches)
+            for records in batches:
+                for r in records:
+                    found[r.partition].append((r.offset, (r.key, r.partition, r.value)))
+                    count += 1
+    finally:
+        await consumer.stop()
+    return [record for p in sorted(found) for _, record in sorted(found[p], key=lambda x: x[0])]
 
 
 class Background:

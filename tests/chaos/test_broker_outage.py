@@ -34,6 +34,7 @@ from tests.chaos.harness import (
     Background,
     Planned,
     assert_exact,
+    landed,
     processed,
     rng_for,
     started,
@@ -101,31 +102,6 @@ async def dead_letter_positions(bootstrap: str, topic: str, want: int) -> set[tu
     return found
 
 
-async def landed(bootstrap: str, topic: str, want: int) -> list[Planned]:
-    """The records in ``topic``, partition by partition in offset order: at least ``want``, and
-    until a poll finds no more.
-
-    The traffic's producer is not idempotent (the embedded broker does not support it): a send
-    cut by the outage after the broker appended it is sent again, and lands twice. The worker
-    rightly counts its events as duplicates, so the truth is taken from what landed.
-    """
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    found: defaultdict[int, list[tuple[int, Planned]]] = defaultdict(list)
-    try:
-        deadline, count, more = time.monotonic() + 30, 0, True
-        while (count < want or more) and time.monotonic() < deadline:
-            batches = (await consumer.getmany(timeout_ms=500)).values()
-            more = any(batches)
-            for records in batches:
-                for r in records:
-                    found[r.partition].append((r.offset, (r.key, r.partition, r.value)))
-                    count += 1
-    finally:
-        await consumer.stop()
-    return [record for p in sorted(found) for _, record in sorted(found[p], key=lambda x: x[0])]
-
-
 @pytest.mark.parametrize("profile", PROFILES)
 def test_broker_outage_then_resumes_by_itself(
     own_broker: ProxiedBroker, deployment: Deployment, profile: tuple[str, float, int]
@@ -159,8 +135,7 @@ def test_broker_outage_then_resumes_by_itself(
     assert feed.running, "the traffic should outlast the outage"
     back = time.monotonic()
     feed.join()
-    topic = deployment.env["KPI_EVENTS_TOPIC"]
-    planned = asyncio.run(landed(own_broker.bootstrap, topic, len(planned)))
+    planned = landed(deployment, planned)
     samples = assert_exact(worker, deployment, planned, timeout_s=RESUME_WITHIN_S)
     print(f"caught up {time.monotonic() - back:.1f} s after the broker came back")
     assert worker.proc is not None and worker.proc.pid == pid and worker.proc.poll() is None

@@ -25,6 +25,7 @@ from tests.chaos.harness import (
     Background,
     Samples,
     assert_exact,
+    landed,
     processed,
     profiles,
     rng_for,
@@ -130,4 +131,4 @@ def test_worker_during_broker_outage_stops_promptly(
         own_broker.proxy.refuse_writes = False
     assert seconds < PROMPT_S, f"SIGTERM took {seconds:.1f} s\n{worker.log_tail(30)}"
     feed.join()
-    assert_exact(started(deployment.worker(**WORKER)), deployment, planned)
+    assert_exact(started(deployment.worker(**WORKER)), deployment, landed(deployment, planned))
