@@ -42,14 +42,13 @@ _LOG_TAIL_BYTES: Final = 8192
 _ANSI_RE: Final = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _BIND_FAILED_RE: Final = re.compile(r"AddrInUse|Address already in use|address in use", re.I)
 
-# Listpack limits for the store's small hashes and sets (agents.redis_visits, agents.redis_dedup):
-# room for a few hundred entries per shard and for long visit keys. Only compactness depends on
+# Listpack limits for the store's small hashes of open visits (agents.redis_visits): room for a
+# few hundred entries per shard and for long visit keys. Only compactness depends on
 # them, never correctness (past a limit Redis converts to a hash table). Set with CONFIG SET after
 # start, each on its own: an older redis-server on PATH that lacks one keeps its default.
 REDIS_LISTPACK_LIMITS: Final = (
     ("hash-max-listpack-entries", "512"),
     ("hash-max-listpack-value", "256"),
-    ("set-max-listpack-entries", "256"),
 )
 
 # Ports handed out recently by free_port(). The kernel may return the same ephemeral port to two

@@ -207,6 +207,7 @@ class BatchProcessor:
         for partition in partitions:
             self.states.pop(partition, None)
             self.assigned.discard(partition)
+            self.store.forget(partition)
 
     async def _state(self, partition: int) -> PartitionState:
         state = self.states.get(partition)

@@ -1,47 +1,37 @@
-"""Counted event ids in Redis: 16-byte digests in small sets, kept by generations of event time.
+"""Counted event ids: 16-byte digests, kept by generations of event time, in Redis and in memory.
 
 The contract keeps an ``event_id`` for at least 24 h of event time (``KPI_DEDUP_RETENTION_SECONDS``,
 ``R`` below) to tell a duplicate. A partition stores, per counted event, the BLAKE2b-128 digest
-of its id (16 bytes, not the id: up to 128 characters), in the sets ``kpi:{pP}:seen:<gen>:<shard>``.
-A digest goes to shard ``h mod shards`` of its generation, ``h`` its first 2 bytes: a
-generation's shards are small sets, which Redis keeps as compact listpacks (about 20 bytes per
-id) instead of hash tables (several times that), while a look-up scans one small shard per
-generation.
+of its id (16 bytes, not the id: up to 128 characters), appended to its generation's strings
+``kpi:{pP}:seen:<gen>:<segment>``: digests end to end, :data:`SEGMENT_IDS` per string at most
+(16 MiB, far below Redis's 512 MB limit on a string). A commit appends its ids with one call per
+string it reaches, however many: 16 bytes per id in Redis, and no Redis call per id.
+
+**Look-ups stay in the worker.** The worker that owns a partition holds its digests in memory
+(:class:`DigestIndex`: sorted numpy arrays, 16 bytes per id), read from Redis when it loads the
+partition and extended by each of its commits once it is durable. The index is part of the
+partition's state, like its offset: a worker that loses a fence or a round trip throws it away
+with the rest and reads it again (:mod:`agents.processor`), and every commit is fenced on the
+offset, commit count and generation table its look-ups were answered from. So a look-up answers
+exactly for the state its commit applies to. (A local state with a durable log of its changes:
+how Kafka Streams keeps its stores.) The price is the worker's memory: 16 bytes per id kept.
 
 **Generations.** A generation receives the ids of the commits made while it is *open*. It closes
-when the watermark reaches its start + ``R``, or early when it is full (more than
-:data:`FILL_MAX` ids per shard on average); a new one opens, lazily, with the next ids. A closed
-generation is dropped whole (its shard keys deleted) by the first commit whose watermark is at
-least its close + ``R``. An id written at watermark ``w`` sits in a generation closed at ``c >= w``
-and is dropped at a watermark of at least ``c + R >= w + R``; every look-up checks every generation
-not dropped. So an id is remembered for at least ``R`` of watermark time (at most about ``2 R``).
-
-**Sizing.** Generations hold very different numbers of ids (a quiet day, a campaign launch), so
-each one has its own number of shards, a power of two between :data:`SHARDS_MIN` and
-:data:`SHARDS_MAX`: enough for the ids of the generation before it (or of the batch that opens
-it) at :data:`FILL_TARGET` per shard, and four times the shards of one that closed full. A
-generation of :data:`SHARDS_MAX` shards is not closed early (past :data:`SHARDS_MAX` *
-:data:`FILL_MAX` ids its shards outgrow the listpack limit: still exact, less compact).
-
-**Merging.** Every look-up checks every generation kept, at a Redis call per generation and shard
-it touches: a partition whose traffic ramps up from a thousand ids to a million would keep five
-generations, each closed full, and a look-up would cost five calls per id. So a generation of at
-most :data:`MERGE_MAX` shards that fills up is *merged* instead: the commit that opens the bigger
-one moves its ids there (re-sharded) and deletes it, in the same commit script. Its ids
-then sit in a generation that closes later, so they are remembered at least as long. Larger
-generations are left as they are: moving their ids would hold Redis for too long.
+when the watermark reaches its start + ``R``; a new one opens, lazily, with the next ids. A closed
+generation is dropped whole (its strings deleted) by the first commit whose watermark is at least
+its close + ``R``. An id written at watermark ``w`` sits in a generation closed at ``c >= w`` and is
+dropped at a watermark of at least ``c + R >= w + R``; every look-up checks every generation not
+dropped. So an id is remembered for at least ``R`` of watermark time (at most about ``2 R``).
 
 The generations live in the partition's meta hash (field ``seen``, :func:`format_generations`),
-written with the offset by the commit's script. Look-ups send the table they assume and
-the script checks it against the stored one, so a look-up never uses another layout than the one
-stored.
+written with the offset by the commit's script.
 
 **Digest collisions.** Two distinct ids collide when their 128-bit digests are equal. With ``n``
 ids remembered by a partition and ``m`` look-ups against them, the chance of any false duplicate is
 at most ``n * m / 2**128``: at 5,800 events/s on one partition, 10^9 ids remembered (two days) and
 10^12 look-ups (five and a half years) give 3 * 10^-18. A false duplicate would drop an event, so
 the digest is long enough to make that never happen in practice; 8 bytes would not (about 54 false
-duplicates on the same figures).
+duplicates on the same figures). The index compares all 16 bytes.
 """
 
 from __future__ import annotations
@@ -54,109 +44,21 @@ from typing import Final
 import numpy as np
 
 DIGEST_BYTES: Final = 16
-SHARDS_MIN: Final = 16
-SHARDS_MAX: Final = 65536  # 2**16: a shard is picked by a digest's first two bytes
-FILL_TARGET: Final = 32  # ids per shard a new generation is sized for
-FILL_MAX: Final = 64  # ids per shard, on average, that close a generation early
-GROWTH: Final = 4  # a generation that closed full is followed by one this many times larger
-MERGE_MAX: Final = 1024  # shards of the largest generation merged into the next when full
+SEGMENT_IDS: Final = 1 << 20  # digests per string (16 MiB)
+RUN_MAX: Final = 1 << 22  # ids of the largest sorted run the index merges (64 MiB)
 
-# Both scripts walk the digests shard by shard, in chunks (Lua's stack holds a few thousand
-# values): ``groups`` is per shard ``key index, count``, ``positions`` the digests' positions,
-# shard after shard (flat JSON), ``blob`` the digests end to end (one string: no per-digest object
-# on the caller's side). Each digest is cut from the blob once, however many generations' shards
-# it is looked up in. ``each`` calls ``fn(key, members, first)``, ``first`` the chunk's first index.
-_EACH_CHUNK_LUA: Final = """
-local function each(groups, positions, blob, fn)
-  local sub, digests, at = string.sub, {}, 0
-  for from = 0, #blob - 16, 16 do digests[from / 16] = sub(blob, from + 1, from + 16) end
-  for g = 1, #groups, 2 do
-    local key, last = KEYS[groups[g]], at + groups[g + 1]
-    for first = at + 1, last, 1000 do
-      local members = {}
-      for j = first, math.min(first + 999, last) do
-        members[#members + 1] = digests[positions[j]]
-      end
-      fn(key, members, first)
-    end
-    at = last
-  end
+# A function of the commit's script (agents.redis_store): appends ARGV[at + k - 1] to
+# KEYS[base + k] for k = 1 .. count (digests end to end, see :func:`appends`).
+COMMIT_LUA: Final = """
+local function append_ids(base, count, at)
+  for k = 1, count do redis.call('APPEND', KEYS[base + k], ARGV[at + k - 1]) end
 end
 """
-
-# Look-up: KEYS[1] the meta hash, then shard sets. ARGV[1] the generations the caller assumed
-# (checked against the stored ones: nil when they differ), ARGV[2] the groups, ARGV[3] the
-# positions, ARGV[4] the digests. Returns the 0-based positions found.
-LOOKUP_LUA: Final = (
-    _EACH_CHUNK_LUA
-    + """
-local stored = redis.call('HGET', KEYS[1], 'seen') or ''
-if stored ~= ARGV[1] then return false end
-local positions = cjson.decode(ARGV[3])
-local found, out = {}, {}
-each(cjson.decode(ARGV[2]), positions, ARGV[4], function(key, members, first)
-  local flags = redis.call('SMISMEMBER', key, unpack(members))
-  for j = 1, #flags do
-    local position = positions[first + j - 1]
-    if flags[j] == 1 and not found[position] then
-      found[position] = true
-      out[#out + 1] = position
-    end
-  end
-end)
-return out
-"""
-)
-
-# Functions of the commit's script (agents.redis_store).
-# Insert: ``groups``, ``positions`` and ``blob`` as above (JSON, JSON, the digests); the groups' key
-# indices are the shard sets' indices in the script's KEYS.
-# Merge: KEYS[base + 1 ..] the merged generation's ``old`` shards, then every shard of the one
-# taking its ids, in order (``shards`` of them, a power of two).
-COMMIT_LUA: Final = (
-    _EACH_CHUNK_LUA
-    + """
-local function insert_ids(groups, positions, blob)
-  each(cjson.decode(groups), cjson.decode(positions), blob, function(key, members)
-    redis.call('SADD', key, unpack(members))
-  end)
-end
-
-local function merge_generation(base, old, shards)
-  local byte, into = string.byte, {}
-  for k = base + 1, base + old do
-    for _, member in ipairs(redis.call('SMEMBERS', KEYS[k])) do
-      local shard = (byte(member, 1) * 256 + byte(member, 2)) % shards
-      local members = into[shard]
-      if members == nil then into[shard] = {member} else members[#members + 1] = member end
-    end
-    redis.call('DEL', KEYS[k])
-  end
-  for shard, members in pairs(into) do
-    chunked(members, function(...) redis.call('SADD', KEYS[base + old + 1 + shard], ...) end)
-  end
-end
-"""
-)
 
 
 def digest(event_id: str) -> bytes:
     """The 16 bytes stored for a counted ``event_id`` (BLAKE2b-128 of its UTF-8)."""
     return hashlib.blake2b(event_id.encode(), digest_size=DIGEST_BYTES).digest()
-
-
-def shard_of(digest_: bytes, shards: int) -> int:
-    """The shard of a digest in a generation of ``shards`` shards (a power of two, at most
-    :data:`SHARDS_MAX`): its first two bytes, big-endian, modulo ``shards``."""
-    return (digest_[0] << 8 | digest_[1]) & (shards - 1)
-
-
-def shards_for(ids: int) -> int:
-    """Shards for ``ids`` ids at :data:`FILL_TARGET` per shard: a power of two, within bounds."""
-    shards = SHARDS_MIN
-    while shards < SHARDS_MAX and shards * FILL_TARGET < ids:
-        shards *= 2
-    return shards
 
 
 @dataclass(slots=True)
@@ -165,14 +67,12 @@ class Generation:
 
     Attributes:
         gen: Its number (in its keys' names), increasing.
-        shards: How many sets its ids are spread over (a power of two).
         start_ms: The watermark when it opened (epoch ms).
         closed_ms: The watermark when it closed, ``-1`` while open.
         count: Ids written to it.
     """
 
     gen: int
-    shards: int
     start_ms: int
     closed_ms: int = -1
     count: int = 0
@@ -184,8 +84,8 @@ class Generation:
 
 
 def format_generations(generations: Sequence[Generation]) -> str:
-    """The meta field's text: ``gen,shards,start_ms,closed_ms,count`` per generation, ``;``."""
-    return ";".join(f"{g.gen},{g.shards},{g.start_ms},{g.closed_ms},{g.count}" for g in generations)
+    """The meta field's text: ``gen,start_ms,closed_ms,count`` per generation, ``;`` between."""
+    return ";".join(f"{g.gen},{g.start_ms},{g.closed_ms},{g.count}" for g in generations)
 
 
 def parse_generations(text: str | bytes | None) -> list[Generation]:
@@ -205,14 +105,11 @@ class Roll:
         generations: The generations after the commit, oldest first.
         dropped: Generations whose keys the commit deletes.
         target: The generation receiving the commit's ids (``None`` when it has none).
-        merged: A generation that filled up: the commit moves its ids to ``target`` and deletes
-            its keys (see :data:`COMMIT_LUA`).
     """
 
     generations: list[Generation]
     dropped: list[Generation] = field(default_factory=list)
     target: Generation | None = None
-    merged: Generation | None = None
 
 
 def advance(
@@ -227,8 +124,7 @@ def advance(
         adding: How many ids the commit writes.
 
     Returns:
-        The new table, the generations to drop, the one the ids go to, and the one merged into
-        it.
+        The new table, the generations to drop and the one the ids go to.
     """
     kept: list[Generation] = []
     dropped: list[Generation] = []
@@ -242,84 +138,139 @@ def advance(
     if current is not None and watermark_ms >= current.start_ms + retention_ms:
         current.closed_ms = watermark_ms  # its time is up
         current = None
-    full = current is not None and current.count + adding > current.shards * FILL_MAX
-    merged = None
-    if adding and full and current is not None and current.shards < SHARDS_MAX:
-        current.closed_ms = watermark_ms  # full: a bigger one follows
-        if current.shards <= MERGE_MAX:  # and takes its ids
-            merged = kept.pop()
-        current = None
-    if adding and current is None:
-        last = merged or (kept[-1] if kept else (dropped[-1] if dropped else None))
-        shards = shards_for(adding + (merged.count if merged else 0))
-        if last is not None:
-            closed_full = last.closed_ms < last.start_ms + retention_ms
-            follows = (
-                min(SHARDS_MAX, last.shards * GROWTH) if closed_full else shards_for(last.count)
-            )
-            shards = max(shards, follows)
-        number = max((g.gen for g in (*kept, *dropped, merged) if g is not None), default=-1) + 1
-        current = Generation(number, shards, watermark_ms, count=merged.count if merged else 0)
+    if not adding:
+        return Roll(kept, dropped)
+    if current is None:
+        number = max((g.gen for g in (*kept, *dropped)), default=-1) + 1
+        current = Generation(number, watermark_ms)
         kept.append(current)
-    if adding and current is not None:
-        current.count += adding
-    return Roll(kept, dropped, current if adding else None, merged)
+    current.count += adding
+    return Roll(kept, dropped, current)
 
 
-def shard_key(prefix: str, gen: int, shard: int) -> str:
-    """The set of shard ``shard`` of generation ``gen``, under a partition's key ``prefix``."""
-    return f"{prefix}{gen}:{shard}"
+def segment_key(prefix: str, gen: int, segment: int) -> str:
+    """The string of segment ``segment`` of generation ``gen``, under a partition's ``prefix``."""
+    return f"{prefix}{gen}:{segment}"
 
 
 def generation_keys(prefix: str, generation: Generation) -> list[str]:
-    """Every shard key of a generation (to delete it whole)."""
-    return [shard_key(prefix, generation.gen, s) for s in range(generation.shards)]
+    """Every string of a generation, in order (to read or delete it whole)."""
+    segments = -(-generation.count // SEGMENT_IDS)
+    return [segment_key(prefix, generation.gen, s) for s in range(segments)]
+
+
+def appends(prefix: str, target: Generation, digests: bytes) -> list[tuple[str, bytes]]:
+    """What a commit appends to the strings of ``target`` (its ``count`` already includes the
+    ``digests``, end to end): per string reached, its key and its part of them."""
+    total = len(digests) // DIGEST_BYTES
+    out: list[tuple[str, bytes]] = []
+    at = 0
+    while at < total:
+        position = target.count - total + at
+        take = min(SEGMENT_IDS - position % SEGMENT_IDS, total - at)
+        key = segment_key(prefix, target.gen, position // SEGMENT_IDS)
+        out.append((key, digests[at * DIGEST_BYTES : (at + take) * DIGEST_BYTES]))
+        at += take
+    return out
+
+
+def _halves(digests: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Digests end to end as two columns of 8-byte numbers: first halves, second halves."""
+    both = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)
+    return both[:, 0].copy(), both[:, 1].copy()
 
 
 @dataclass(slots=True)
-class Plan:
-    """Where a script finds each digest: shard keys, then per shard ``key index, count`` and the
-    digests' positions shard after shard (see :data:`LOOKUP_LUA`, :data:`COMMIT_LUA`)."""
+class _Run:
+    """Digests sorted by their first halves (``first``), second halves alongside."""
 
-    keys: list[str] = field(default_factory=list)
-    groups: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
+    first: np.ndarray
+    second: np.ndarray
 
-    def add(self, prefix: str, generation: Generation, heads: np.ndarray, before: int) -> None:
-        """Add a generation's shards; ``heads`` are the digests' first two bytes (big-endian,
-        see :func:`heads`) and ``before`` the number of KEYS before this plan's."""
-        shards = heads & (generation.shards - 1)
-        # In numpy: a step looks up thousands of digests in each generation.
-        order = np.argsort(shards, kind="stable")
-        present, counts = np.unique(shards[order], return_counts=True)
-        first = before + len(self.keys) + 1
-        groups = np.empty(2 * len(present), dtype=np.int64)
-        groups[0::2] = np.arange(first, first + len(present))
-        groups[1::2] = counts
-        self.keys += [shard_key(prefix, generation.gen, shard) for shard in present.tolist()]
-        self.groups += groups.tolist()
-        self.positions += order.tolist()
+    @classmethod
+    def of(cls, first: np.ndarray, second: np.ndarray) -> _Run:
+        # Stable sort of uint64 is a merge sort: near linear on runs already sorted.
+        order = np.argsort(first, kind="stable")
+        return cls(first[order], second[order])
 
+    def __len__(self) -> int:
+        return len(self.first)
 
-def heads(digests: bytes) -> np.ndarray:
-    """The first two bytes of each digest in ``digests`` (end to end), as numbers: what
-    :func:`shard_of` takes modulo the shards."""
-    rows = np.frombuffer(digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES)
-    return rows[:, 0].astype(np.int64) << 8 | rows[:, 1]
-
-
-def lookup_plan(prefix: str, generations: Sequence[Generation], digests: bytes) -> Plan:
-    """The plan of :data:`LOOKUP_LUA` for ``digests`` end to end (newest generation first;
-    KEYS[1] is the meta hash)."""
-    plan, first = Plan(), heads(digests)
-    for generation in reversed(generations):
-        plan.add(prefix, generation, first, before=1)
-    return plan
+    def find(self, first: np.ndarray, second: np.ndarray, found: np.ndarray) -> None:
+        """Set ``found`` where a digest (``first``, ``second``) is in this run."""
+        at = np.minimum(np.searchsorted(self.first, first), len(self.first) - 1)
+        head = self.first[at] == first
+        found |= head & (self.second[at] == second)
+        # Equal first halves of distinct digests (about n / 2**64 per look-up): the ones
+        # after ``at`` with the same first half are checked one by one.
+        for i in np.flatnonzero(head & ~found).tolist():
+            j = int(at[i]) + 1
+            while j < len(self.first) and self.first[j] == first[i]:
+                if self.second[j] == second[i]:
+                    found[i] = True
+                    break
+                j += 1
 
 
-def insert_plan(prefix: str, generation: Generation, digests: bytes, before: int = 0) -> Plan:
-    """The plan of :data:`COMMIT_LUA`'s insert for ``digests`` end to end, its keys after
-    ``before`` others in the script's KEYS."""
-    plan = Plan()
-    plan.add(prefix, generation, heads(digests), before=before)
-    return plan
+class DigestIndex:
+    """The digests of a partition's generations, in memory, for its look-ups.
+
+    Per generation, sorted runs of sizes roughly doubling from the newest to the oldest (a new
+    run is merged with the one before it while that one is at most twice its size, up to
+    :data:`RUN_MAX` ids): a look-up costs one binary search per run, a few dozen for millions of
+    ids, and adding ids costs about ``log2(n)`` sorted-merge passes each.
+
+    Args:
+        generations: The partition's generation table as stored.
+        digests: Per generation number, its digests end to end, as stored.
+    """
+
+    def __init__(self, generations: Sequence[Generation], digests: dict[int, bytes]) -> None:
+        self.generations = list(generations)
+        self._runs: dict[int, list[_Run]] = {}
+        for g in self.generations:
+            blob = digests.get(g.gen, b"")
+            if len(blob) != g.count * DIGEST_BYTES:
+                raise ValueError(
+                    f"generation {g.gen} holds {len(blob) // DIGEST_BYTES} digests, "
+                    f"its table says {g.count}"
+                )
+            self._runs[g.gen] = [_Run.of(*_halves(blob))] if blob else []
+
+    @property
+    def text(self) -> str:
+        """The generation table, as the meta hash holds it."""
+        return format_generations(self.generations)
+
+    def __len__(self) -> int:
+        return sum(len(run) for runs in self._runs.values() for run in runs)
+
+    def contains(self, digests: bytes) -> np.ndarray:
+        """Whether each of ``digests`` (end to end) is held: booleans, in their order."""
+        first, second = _halves(digests)
+        found = np.zeros(len(first), dtype=bool)
+        for runs in self._runs.values():
+            for run in runs:
+                run.find(first, second, found)
+        return found
+
+    def committed(self, roll: Roll, digests: bytes) -> None:
+        """Follow a durable commit: its dropped generations go, its ``digests`` join its
+        target."""
+        for g in roll.dropped:
+            self._runs.pop(g.gen, None)
+        self.generations = list(roll.generations)
+        if roll.target is None or not digests:
+            return
+        runs = self._runs.setdefault(roll.target.gen, [])
+        runs.append(_Run.of(*_halves(digests)))
+        while len(runs) > 1 and len(runs[-2]) <= 2 * len(runs[-1]):
+            if len(runs[-2]) + len(runs[-1]) > RUN_MAX:
+                break
+            newest, older = runs.pop(), runs.pop()
+            first = np.concatenate((older.first, newest.first))
+            runs.append(_Run.of(first, np.concatenate((older.second, newest.second))))
+
+    def runs(self) -> list[int]:
+        """The sizes of the runs, generation after generation (for tests)."""
+        return [len(run) for runs in self._runs.values() for run in runs]

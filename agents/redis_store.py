@@ -13,16 +13,17 @@ key                                    holds                                    
 ``kpi:{pP}:due``                       open shards by a lower bound of their due times  zset
 ``kpi:{pP}:w:<bucket_ms>:<start_ms>``  ``C\\x1f<field>`` -> closed-visit sums            hash
 ``kpi:{pP}:wb``                        window bucket keys by start (for purging)        zset
-``kpi:{pP}:seen:<gen>:<shard>``        16-byte digests of counted event ids             set
+``kpi:{pP}:seen:<gen>:<segment>``      16-byte digests of counted event ids, appended   string
 ``kpi:{cC}:u:<kind>:<bucket_ms>:<s>``  distinct visitors / participants of a bucket     HLL
 ``kpi:{cC}:uver``                      version of the campaign's HLLs (changes on add)  string
 ``kpi:store``                          identity marker: random id and creation time     string
 =====================================  ===============================================  =======
 
-Open visits and counted ids are sharded into many small hashes and sets so that Redis keeps each
-in its compact listpack encoding: see :mod:`agents.redis_visits` (the shards, their due index and
-why a stale bound never misses a close) and :mod:`agents.redis_dedup` (the digests, their
-generations of event time and the retention they guarantee). The meta hash's ``layout`` field
+Open visits are sharded into many small hashes so that Redis keeps each in its compact listpack
+encoding: see :mod:`agents.redis_visits` (the shards, their due index and why a stale bound never
+misses a close). Counted ids are digests appended to strings, looked up in the worker's memory:
+see :mod:`agents.redis_dedup` (the digests, their generations of event time and the retention
+they guarantee). The meta hash's ``layout`` field
 names this layout: a partition written by another one is refused (:class:`StoreLayoutError`).
 
 Every key a commit writes carries its partition's hash tag, so one script (:data:`_COMMIT_LUA`,
@@ -47,11 +48,12 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import orjson
 from redis.asyncio import Redis
 
 from agents import redis_dedup, redis_visits
-from agents.redis_dedup import digest, format_generations, parse_generations
+from agents.redis_dedup import DigestIndex, digest, parse_generations
 from agents.redis_read import SEP, SnapshotReader
 from agents.redis_visits import Scan, ScannedShard, due_of, open_shard
 from stream.kpis import KpiSnapshot
@@ -62,8 +64,9 @@ from stream.watermark import Watermark
 from stream.windows import RETENTION_MS
 
 # The layout of a partition's keys (the meta hash's ``layout`` field). The unsharded one of the
-# 0.1.0 development versions had no such field; its stores are not read (replay them instead).
-LAYOUT = "2"
+# 0.1.0 development versions had no such field, layout 2 kept counted ids in small sets; their
+# stores are not read (replay them instead).
+LAYOUT = "3"
 
 # Batches carry thousands of ids and members: redis-py encodes each command argument in Python,
 # so these scripts take them as ONE JSON argument and loop in Redis (cjson decodes in C).
@@ -147,11 +150,8 @@ for _, part in ipairs(head[6]) do
   if name == 'expired' then delete(base, count, true)
   elseif name == 'apply' then apply(base, ARGV[at])
   elseif name == 'visits' then write_visits(base, ARGV[at], ARGV[at + 1])
-  elseif name == 'merge' then
-    local old = tonumber(ARGV[at])
-    merge_generation(base, old, count - old)
   elseif name == 'drop' then delete(base, count, false)
-  elseif name == 'ids' then insert_ids(ARGV[at], ARGV[at + 1], ARGV[at + 2])
+  elseif name == 'ids' then append_ids(base, count, at)
   end
   base, at = base + count, at + part[3]
 end
@@ -216,12 +216,11 @@ class RedisStore:
         # commit: the fence of :meth:`commit`, with the applied offset.
         self._revs: dict[int, int] = {}
         self._reader = SnapshotReader(redis, partitions, self, read_cache_max_age_s, clock)
-        self._lookup_script = redis.register_script(redis_dedup.LOOKUP_LUA)
         self._commit_script = redis.register_script(_COMMIT_LUA)
         self._fetch_script = redis.register_script(redis_visits.FETCH_LUA)
-        # Per partition, what the last commit (or read) found of the dedup generations, and the
-        # last fetch's view of the due shards for the next commit (see agents.redis_visits).
-        self._generations: dict[int, str] = {}
+        # Per partition, its counted ids as of its last load or commit (see agents.redis_dedup),
+        # and the last fetch's view of the due shards for the next commit (agents.redis_visits).
+        self._indexes: dict[int, DigestIndex] = {}
         self._scans: dict[int, Scan] = {}
         # Per partition, the digests of the last look-up's ids: its commit stores those of the
         # ids it counted (hashing each id once per step, not twice).
@@ -255,25 +254,54 @@ class RedisStore:
         return value.decode() if isinstance(value, bytes) else value
 
     async def load(self, partition: int) -> PartitionSnapshot:
-        meta = await self.redis.hgetall(self.key(partition, "meta"))
+        meta = await self._load_meta_and_ids(partition)
         if not meta:
             self._revs[partition] = 0
             return PartitionSnapshot()
-        if meta.get(b"layout") != LAYOUT.encode():
-            raise StoreLayoutError(
-                f"partition {partition} under prefix {self.prefix!r} was written by another "
-                "store layout: rebuild the KPIs by a replay into a new KPI_REDIS_PREFIX "
-                "(docs/reliability.md)"
-            )
         watermark = Watermark(
             watermark_ms=int(meta[b"watermark_ms"]),
             newest_event_ms=int(meta[b"newest_event_ms"]),
             anchor_ms=int(meta[b"watermark_ms"]),
         )
         open_visits = int(meta.get(b"open_visits", 0))
-        self._generations[partition] = _text(meta.get(b"seen"))
         self._revs[partition] = int(meta.get(b"rev", 0))
         return PartitionSnapshot(int(meta[b"offset"]), watermark, {}, open_visits)
+
+    async def _load_meta_and_ids(self, partition: int) -> dict[bytes | str, bytes | str]:
+        """The partition's meta hash, and its counted ids read into memory, as of one moment."""
+        meta_key, prefix = self.key(partition, "meta"), self.key(partition, "seen:")
+        meta = await self.redis.hgetall(meta_key)
+        for _ in range(10):
+            if meta and meta.get(b"layout") != LAYOUT.encode():
+                raise StoreLayoutError(
+                    f"partition {partition} under prefix {self.prefix!r} was written by another "
+                    "store layout: rebuild the KPIs by a replay into a new KPI_REDIS_PREFIX "
+                    "(docs/reliability.md)"
+                )
+            generations = parse_generations(meta.get(b"seen"))
+            keys = {g.gen: redis_dedup.generation_keys(prefix, g) for g in generations}
+            # The strings of the table just read, and the meta again, in one transaction: the
+            # table is the one they were read with if the meta did not change meanwhile.
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(meta_key)
+                for some in keys.values():
+                    for key in some:
+                        pipe.get(key)
+                again, *strings = await pipe.execute()
+            if again == meta:
+                at, digests = 0, {}
+                for gen, some in keys.items():
+                    digests[gen] = b"".join(strings[at : at + len(some)])
+                    at += len(some)
+                self._indexes[partition] = DigestIndex(generations, digests)
+                return meta
+            meta = again
+        raise RuntimeError(f"partition {partition}: committed to while being loaded; retrying")
+
+    def forget(self, partition: int) -> None:
+        self._indexes.pop(partition, None)
+        self._digests.pop(partition, None)
+        self._scans.pop(partition, None)
 
     async def visits(self, partition: int, needs: VisitNeeds) -> dict[VisitKey, list[Visit]]:
         # 1. The shards whose bound says they may hold a visit to close (their keys must be
@@ -323,29 +351,14 @@ class RedisStore:
     async def seen(self, partition: int, event_ids: Sequence[str]) -> set[str]:
         if not event_ids:
             return set()
-        meta = self.key(partition, "meta")
+        index = self._indexes.get(partition)
+        if index is None:
+            await self.load(partition)
+            index = self._indexes[partition]
         each = [digest(i) for i in event_ids]
         self._digests[partition] = dict(zip(event_ids, each, strict=True))
-        digests = b"".join(each)
-        del each
-        for _ in range(3):
-            text = self._generations.get(partition)
-            if text is None:
-                stored = await self.redis.hget(meta, "seen")
-                text = self._generations[partition] = _text(stored)
-            plan = redis_dedup.lookup_plan(
-                self.key(partition, "seen:"), parse_generations(text), digests
-            )
-            keys = [meta, *plan.keys]
-            args: list[str | bytes] = [text, orjson.dumps(plan.groups)]
-            args += (orjson.dumps(plan.positions), digests)
-            del plan  # its lists are big; what the script needs is in keys and args
-            found = await self._lookup_script(keys=keys, args=args)
-            if found is not None:
-                return {event_ids[i] for i in found}
-            # The stored generations are not the ones assumed: another worker committed.
-            self._generations.pop(partition, None)
-        raise RuntimeError(f"partition {partition}: dedup generations keep changing; retrying")
+        found = index.contains(b"".join(each))
+        return {event_ids[i] for i in np.flatnonzero(found).tolist()}
 
     async def add_uniques(self, uniques: UniqueAdds) -> None:
         if not uniques:
@@ -371,20 +384,21 @@ class RedisStore:
         digests = b"".join([known.get(i) or digest(i) for i in delta.seen])
         del known
         expired = self._expired.pop(p, [])
-        assumed = self._generations.get(p)
-        if assumed is None:
-            assumed = _text(await self.redis.hget(self.key(p, "meta"), "seen"))
+        index = self._indexes.get(p)
+        if index is None:  # not loaded by this store (the worker always loads first)
+            await self._load_meta_and_ids(p)
+            index = self._indexes[p]
+        assumed = index.text
         wm = delta.watermark
         roll = redis_dedup.advance(
-            parse_generations(assumed), wm.watermark_ms, dedup_retention_ms, len(delta.seen)
+            index.generations, wm.watermark_ms, dedup_retention_ms, len(delta.seen)
         )
         # The fetch's view of the due shards holds only if nothing was committed since: the
         # offset is checked here, the commit count by the script's fence.
         valid_scan = scan if scan is not None and scan.offset == expected_offset else None
-        generations = format_generations(roll.generations)
         meta = ["offset", str(delta.offset), "watermark_ms", str(wm.watermark_ms)]
         meta += ("newest_event_ms", str(wm.newest_event_ms), "open_visits", str(delta.open_visits))
-        meta += ("layout", LAYOUT, "seen", generations)
+        meta += ("layout", LAYOUT, "seen", redis_dedup.format_generations(roll.generations))
         parts = _Parts([self.key(p, "meta"), self.key(p, "wb")])
         if expired:
             parts.add("expired", expired)
@@ -408,7 +422,8 @@ class RedisStore:
             return False  # fenced out: another worker committed since this one read
         rev, self._expired[p] = reply
         self._revs[p] = int(rev)
-        self._generations[p] = generations
+        index.committed(roll, digests)
+        self._indexes[p] = index
         return True
 
     def _add_sums(self, parts: _Parts, delta: Delta) -> None:
@@ -444,18 +459,13 @@ class RedisStore:
             parts.add("apply", keys, orjson.dumps(ops))
 
     def _add_dedup(self, parts: _Parts, p: int, roll: redis_dedup.Roll, digests: bytes) -> None:
-        """The parts of the counted ids: a generation merged, those dropped, the ids added."""
+        """The parts of the counted ids: the generations dropped, the ids appended."""
         prefix = self.key(p, "seen:")
-        if roll.merged is not None and roll.target is not None:
-            merged = redis_dedup.generation_keys(prefix, roll.merged)
-            into = redis_dedup.generation_keys(prefix, roll.target)
-            parts.add("merge", [*merged, *into], len(merged))
         for generation in roll.dropped:
             parts.add("drop", redis_dedup.generation_keys(prefix, generation))
         if digests and roll.target is not None:
-            inserts = redis_dedup.insert_plan(prefix, roll.target, digests, len(parts.keys))
-            positions = orjson.dumps(inserts.positions)
-            parts.add("ids", inserts.keys, orjson.dumps(inserts.groups), positions, digests)
+            keys, strings = zip(*redis_dedup.appends(prefix, roll.target, digests), strict=True)
+            parts.add("ids", keys, *strings)
 
     async def read(self) -> KpiSnapshot:
         return await self._reader.read()

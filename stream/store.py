@@ -53,6 +53,10 @@ class Store(Protocol):
         """Which of ``event_ids`` the partition has already counted."""
         ...
 
+    def forget(self, partition: int) -> None:
+        """Drop what this store holds in memory for a partition the worker no longer owns."""
+        ...
+
     async def visits(self, partition: int, needs: VisitNeeds) -> dict[VisitKey, list[Visit]]:
         """The open visits of ``needs.keys``, and those whose last event is before
         ``needs.last_before_ms`` (for any key)."""
@@ -119,6 +123,9 @@ class MemoryStore:
     async def seen(self, partition: int, event_ids: Sequence[str]) -> set[str]:
         known = self.seen_ids.get(partition, {})
         return {i for i in event_ids if i in known}
+
+    def forget(self, partition: int) -> None:
+        """Nothing to drop: this store is the shared state itself."""
 
     async def add_uniques(self, uniques: UniqueAdds) -> None:
         for key, members in uniques.items():

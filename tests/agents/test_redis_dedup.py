@@ -1,15 +1,17 @@
 """Tests of :mod:`agents.redis_dedup`: digests of counted ids, kept by generations of event time.
 
 The generation rules are checked as arithmetic (table rows and a property over random commit
-sequences); the digests, shards and generations in Redis through :class:`RedisStore` against the
-real server of the session.
+sequences); the in-memory index against a plain set (property); the strings in Redis, and the
+index read back from them, through :class:`RedisStore` against the real server of the session.
 """
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,25 +20,21 @@ from redis.asyncio import Redis
 from agents import redis_dedup
 from agents.embedded import EmbeddedRedis
 from agents.redis_dedup import (
-    FILL_MAX,
-    FILL_TARGET,
-    MERGE_MAX,
-    SHARDS_MAX,
-    SHARDS_MIN,
+    SEGMENT_IDS,
+    DigestIndex,
     Generation,
+    Roll,
     advance,
+    appends,
     digest,
     format_generations,
     parse_generations,
-    shard_of,
-    shards_for,
 )
 from agents.redis_store import RedisStore
 from stream.partition import Delta
 from stream.watermark import Watermark
 
 R = 86_400_000  # the default retention, ms
-BIG = 2 * MERGE_MAX  # shards of a generation too big to merge
 H = 3_600_000
 
 
@@ -49,27 +47,8 @@ def test_digest_is_16_bytes_of_blake2b_and_distinguishes_ids() -> None:
     assert digest("é") != digest("e")  # UTF-8, not a lossy encoding
 
 
-@pytest.mark.parametrize(
-    ("ids", "shards"),
-    [
-        pytest.param(0, SHARDS_MIN, id="none: the minimum"),
-        pytest.param(SHARDS_MIN * 32, SHARDS_MIN, id="exactly the minimum's target fill"),
-        pytest.param(SHARDS_MIN * 32 + 1, 2 * SHARDS_MIN, id="one more: the next power of two"),
-        pytest.param(10**12, SHARDS_MAX, id="beyond: the maximum"),
-    ],
-)
-def test_shards_for_sizes_to_the_target_fill(ids: int, shards: int) -> None:
-    assert shards_for(ids) == shards
-
-
-def test_shard_of_takes_the_first_two_bytes_modulo_the_shards() -> None:
-    d = bytes([0x12, 0x34]) + bytes(14)
-    assert shard_of(d, 16) == 0x4
-    assert shard_of(d, 65536) == 0x1234
-
-
 def test_the_generation_table_round_trips() -> None:
-    table = [Generation(3, 64, 1000, 5000, 12), Generation(4, 256, 5000, -1, 7)]
+    table = [Generation(3, 1000, 5000, 12), Generation(4, 5000, -1, 7)]
     assert parse_generations(format_generations(table)) == table
     assert parse_generations(format_generations(table).encode()) == table
     assert parse_generations(None) == parse_generations("") == []
@@ -78,110 +57,63 @@ def test_the_generation_table_round_trips() -> None:
 @pytest.mark.parametrize(
     ("table", "watermark", "adding", "after", "dropped", "target"),
     [
-        # (gen, shards, start, closed, count) before and after; dropped gens; target gen or None.
+        # (gen, start, closed, count) before and after; dropped gens; target gen or None.
         pytest.param([], 0, 0, [], [], None, id="nothing to remember: no generation"),
-        pytest.param([], 5, 10, [(0, 16, 5, -1, 10)], [], 0, id="first ids open generation 0"),
+        pytest.param([], 5, 10, [(0, 5, -1, 10)], [], 0, id="first ids open generation 0"),
+        pytest.param([(0, 5, -1, 10)], 5 + R - 1, 3, [(0, 5, -1, 13)], [], 0, id="within R"),
         pytest.param(
-            [(0, 16, 5, -1, 10)], 5 + R - 1, 3, [(0, 16, 5, -1, 13)], [], 0, id="within R: same"
-        ),
-        pytest.param(
-            [(0, 16, 5, -1, 10)],
+            [(0, 5, -1, 10)],
             5 + R,
             3,
-            [(0, 16, 5, 5 + R, 10), (1, 16, 5 + R, -1, 3)],
+            [(0, 5, 5 + R, 10), (1, 5 + R, -1, 3)],
             [],
             1,
             id="R after its start: closed, a new one opens",
         ),
         pytest.param(
-            [(0, 16, 5, -1, 10)],
+            [(0, 5, -1, 10)],
             5 + R,
             0,
-            [(0, 16, 5, 5 + R, 10)],
+            [(0, 5, 5 + R, 10)],
             [],
             None,
             id="closed by time even without ids",
         ),
         pytest.param(
-            [(0, 16, 5, 100, 10), (1, 16, 100, -1, 4)],
+            [(0, 5, 100, 10), (1, 100, -1, 4)],
             100 + R - 1,
             0,
-            [(0, 16, 5, 100, 10), (1, 16, 100, -1, 4)],
+            [(0, 5, 100, 10), (1, 100, -1, 4)],
             [],
             None,
             id="a closed one is kept until R after its close",
         ),
         pytest.param(
-            [(0, 16, 5, 100, 10), (1, 16, 100, -1, 4)],
+            [(0, 5, 100, 10), (1, 100, -1, 4)],
             100 + R,
             0,
-            [(1, 16, 100, 100 + R, 4)],
+            [(1, 100, 100 + R, 4)],
             [0],
             None,
             id="R after its close: dropped",
         ),
         pytest.param(
-            [(0, BIG, 5, -1, BIG * FILL_MAX - 1)],
-            6,
+            [(0, 5, 100, 10), (1, 100, 100 + R, 4)],
+            100 + 2 * R,
             2,
-            [(0, BIG, 5, 6, BIG * FILL_MAX - 1), (1, 4 * BIG, 6, -1, 2)],
-            [],
-            1,
-            id="full: closed early, four times bigger next",
-        ),
-        pytest.param(
-            [(0, BIG, 5, 6, BIG * FILL_MAX), (1, 4 * BIG, 6, -1, 2)],
-            7,
-            0,
-            [(0, BIG, 5, 6, BIG * FILL_MAX), (1, 4 * BIG, 6, -1, 2)],
-            [],
-            None,
-            id="closed early: still kept R after its close",
-        ),
-        pytest.param(
-            [(0, 16, 5, -1, 16 * FILL_MAX - 1)],
-            6,
+            [(2, 100 + 2 * R, -1, 2)],
+            [0, 1],
             2,
-            [(1, 64, 6, -1, 16 * FILL_MAX + 1)],
-            [],
-            1,
-            id="full and small: merged into the next, four times bigger",
+            id="all dropped: the next number still follows theirs",
         ),
         pytest.param(
-            [(0, 1024, 5, 5 + R, 100), (1, 16, R, -1, 16 * FILL_MAX)],
-            R + 1,
-            4096,
-            [(0, 1024, 5, 5 + R, 100), (2, 256, R + 1, -1, 16 * FILL_MAX + 4096)],
-            [],
-            2,
-            id="merged with a big batch: sized for both",
-        ),
-        pytest.param(
-            [(0, SHARDS_MAX, 5, -1, SHARDS_MAX * FILL_MAX)],
+            [(0, 5, -1, 10**9)],
             6,
             1,
-            [(0, SHARDS_MAX, 5, -1, SHARDS_MAX * FILL_MAX + 1)],
+            [(0, 5, -1, 10**9 + 1)],
             [],
             0,
-            id="the largest is never closed early",
-        ),
-        pytest.param(
-            [(0, 1024, 5, 5 + R, 100)],
-            5 + R + 1,
-            1,
-            [(0, 1024, 5, 5 + R, 100), (1, SHARDS_MIN, 5 + R + 1, -1, 1)],
-            [],
-            1,
-            id="after a time close, sized for the previous one's ids",
-        ),
-        pytest.param(
-            [],
-            9,
-            40_000,
-            [(0, 2048, 9, -1, 40_000)],
-            [],
-            0,
-            id="a big first batch sizes its generation",
+            id="no size limit: a generation closes by time only",
         ),
     ],
 )
@@ -198,9 +130,6 @@ def test_advance(
     assert roll.generations == [Generation(*g) for g in after]
     assert [g.gen for g in roll.dropped] == dropped
     assert (roll.target.gen if roll.target else None) == target
-    full = [g for g in before if g.open and g.count + adding > g.shards * FILL_MAX]
-    merged = full[0].gen if adding and full and full[0].shards <= MERGE_MAX else None
-    assert (roll.merged.gen if roll.merged else None) == merged
     assert before == [Generation(*g) for g in table]  # not modified
 
 
@@ -213,7 +142,7 @@ def test_an_id_is_remembered_for_at_least_the_retention(
     commits: list[tuple[int, int]], retention: int
 ) -> None:
     """Every id written at watermark ``w`` is in a live generation while the watermark is below
-    ``w + retention``; the table only holds what the rules keep; an open generation fits."""
+    ``w + retention``; the table only holds what the rules keep."""
     written: list[tuple[int, int]] = []  # (watermark, generation) of each commit's ids
     table: list[Generation] = []
     watermark = 0
@@ -221,9 +150,6 @@ def test_an_id_is_remembered_for_at_least_the_retention(
         watermark += step
         roll = advance(table, watermark, retention, adding)
         table = roll.generations
-        if roll.merged is not None:  # its ids moved to the target
-            assert roll.target is not None and roll.merged.shards <= MERGE_MAX
-            written = [(w, roll.target.gen if g == roll.merged.gen else g) for w, g in written]
         if adding:
             assert roll.target is not None and roll.target is table[-1] and roll.target.open
             written.append((watermark, roll.target.gen))
@@ -234,10 +160,95 @@ def test_an_id_is_remembered_for_at_least_the_retention(
         for g in table:
             if g.open:
                 assert g is table[-1] and watermark < g.start_ms + retention
-                assert g.count <= g.shards * FILL_MAX or g.shards == SHARDS_MAX
             else:
                 assert watermark < g.closed_ms + retention
         assert [g.gen for g in table] == sorted({g.gen for g in table})
+
+
+@pytest.mark.parametrize(
+    ("before", "adding", "cut"),
+    [
+        pytest.param(0, 3, [(0, 3)], id="one string"),
+        pytest.param(SEGMENT_IDS - 2, 5, [(0, 2), (1, 3)], id="across a boundary"),
+        pytest.param(SEGMENT_IDS, 1, [(1, 1)], id="a full one: the next"),
+    ],
+)
+def test_appends_fill_each_string_to_its_size(
+    before: int, adding: int, cut: list[tuple[int, int]]
+) -> None:
+    digests = b"".join(digest(f"e{i}") for i in range(adding))
+    target = Generation(7, 0, count=before + adding)
+    got = appends("p:", target, digests)
+    assert [(key, len(part) // 16) for key, part in got] == [(f"p:7:{s}", n) for s, n in cut]
+    assert b"".join(part for _, part in got) == digests
+    keys = redis_dedup.generation_keys("p:", target)
+    assert keys == [f"p:7:{s}" for s in range(cut[-1][0] + 1)]
+
+
+# --- The index ---------------------------------------------------------------------------------
+
+
+def blob(ids: list[str]) -> bytes:
+    return b"".join(digest(i) for i in ids)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 400), max_size=80), min_size=1, max_size=25),
+    st.lists(st.integers(0, 500), max_size=60),
+)
+def test_the_index_answers_as_a_set_of_what_was_committed(
+    batches: list[list[int]], probe: list[int]
+) -> None:
+    index, held = DigestIndex([], {}), set()
+    table: list[Generation] = []
+    for n, batch in enumerate(batches):
+        new = [f"e{i}" for i in dict.fromkeys(batch) if f"e{i}" not in held]
+        roll = advance(table, n, R, len(new))
+        index.committed(roll, blob(new))
+        table = roll.generations
+        held.update(new)
+        ids = [f"e{i}" for i in probe]
+        if ids:
+            assert index.contains(blob(ids)).tolist() == [i in held for i in ids]
+    assert len(index) == len(held)
+    sizes = index.runs()  # one generation: its runs more than halve from the oldest on
+    assert all(older > 2 * newer for older, newer in itertools.pairwise(sizes))
+
+
+def test_equal_first_halves_are_told_apart_by_the_second() -> None:
+    """Distinct digests whose first 8 bytes are equal (about n / 2**64 per look-up)."""
+    head = bytes(range(8))
+    stored = [head + bytes([9] * 8), head + bytes([3] * 8), head + bytes([5] * 8)]
+    index = DigestIndex([Generation(0, 0, count=3)], {0: b"".join(stored)})
+    probes = [*stored, head + bytes([4] * 8), bytes(8) + bytes([9] * 8)]
+    assert index.contains(b"".join(probes)).tolist() == [True, True, True, False, False]
+
+
+def test_a_dropped_generation_leaves_the_index() -> None:
+    index = DigestIndex([], {})
+    first = advance([], 0, R, 2)
+    index.committed(first, blob(["a", "b"]))
+    second = advance(first.generations, R, R, 1)  # 0 closes, 1 opens
+    index.committed(second, blob(["c"]))
+    assert index.contains(blob(["a", "c"])).tolist() == [True, True]
+    third = advance(second.generations, 2 * R, R, 0)  # 0 dropped
+    assert [g.gen for g in third.dropped] == [0]
+    index.committed(third, b"")
+    assert index.contains(blob(["a", "b", "c"])).tolist() == [False, False, True]
+    assert index.text == format_generations(third.generations)
+
+
+def test_an_index_refuses_strings_its_table_does_not_describe() -> None:
+    with pytest.raises(ValueError, match="holds 1 digests, its table says 2"):
+        DigestIndex([Generation(0, 0, count=2)], {0: digest("a")})
+
+
+def test_contains_keeps_the_order_and_repeats_of_the_probe() -> None:
+    index = DigestIndex([], {})
+    index.committed(Roll([Generation(0, 0, count=1)], [], Generation(0, 0, count=1)), blob(["a"]))
+    found = index.contains(blob(["b", "a", "a", "c"]))
+    assert found.dtype == np.bool_ and found.tolist() == [False, True, True, False]
 
 
 # --- In Redis ----------------------------------------------------------------------------------
@@ -266,21 +277,25 @@ async def test_counted_ids_are_found_by_digest(store: RedisStore) -> None:
     assert await store.seen(0, ["a", "b"]) == set()
     await remember(store, ["a", "b"], 1000)
     assert await store.seen(0, ["a", "b", "c", "a"]) == {"a", "b"}
-    # What Redis holds is the digest, not the id.
-    members = await store.redis.smembers(store.key(0, f"seen:0:{shard_of(digest('a'), 16)}"))
-    assert digest("a") in members and all(len(m) == 16 for m in members)
+    # What Redis holds is the digests, end to end, not the ids.
+    assert await store.redis.get(store.key(0, "seen:0:0")) == digest("a") + digest("b")
 
 
-async def test_shards_hold_what_they_should_and_lookups_cross_them(store: RedisStore) -> None:
-    ids = [f"e{i}" for i in range(3000)]  # a generation of 128 shards
-    await remember(store, ids, 1000)
-    for shard in range(128):
-        key = store.key(0, f"seen:0:{shard}")
-        members = await store.redis.smembers(key)
-        assert members == {digest(i) for i in ids if shard_of(digest(i), 128) == shard}
-        assert await store.redis.object("encoding", key) == b"listpack"
-    probe = [*ids[::7], "new-1", "new-2"]
-    assert await store.seen(0, probe) == set(ids[::7])
+async def test_a_store_that_loads_the_partition_reads_every_id_back(
+    redis_server: EmbeddedRedis, store: RedisStore
+) -> None:
+    """Another worker's store (a restart, a rebalance) answers from what Redis holds."""
+    ids = [f"e{i}" for i in range(5000)]
+    await remember(store, ids[:3000], 1000)
+    await remember(store, ids[3000:], R + 1000)  # a second generation
+    client = Redis.from_url(redis_server.url)
+    try:
+        other = RedisStore(client, partitions=1, prefix=store.prefix)
+        await other.load(0)
+        probe = [*ids[::7], "new-1", "new-2"]
+        assert await other.seen(0, probe) == set(ids[::7])
+    finally:
+        await client.aclose()
 
 
 async def test_generations_roll_over_keeping_every_id_for_the_retention(
@@ -303,45 +318,28 @@ async def test_generations_roll_over_keeping_every_id_for_the_retention(
     assert not await store.redis.keys(store.key(0, "seen:*"))
 
 
-async def test_a_full_generation_gives_way_to_a_bigger_one_and_stays_readable(
-    store: RedisStore,
-) -> None:
-    first = [f"a{i}" for i in range(SHARDS_MIN * FILL_TARGET)]  # sizes generation 0
-    more = [f"m{i}" for i in range(SHARDS_MIN * (FILL_MAX - FILL_TARGET))]
-    await remember(store, first, 1000)
-    await remember(store, more, 1500)  # exactly full
-    await remember(store, ["b0", "b1"], 2000)  # over the fill: generation 1, four times bigger
-    table = parse_generations(await store.redis.hget(store.key(0, "meta"), "seen"))
-    # Generation 0 was small: merged into 1 (its ids moved, its keys gone).
-    assert [(g.gen, g.shards, g.open, g.count) for g in table] == [
-        (1, 4 * SHARDS_MIN, True, len(first) + len(more) + 2)
-    ]
-    assert not await store.redis.keys(store.key(0, "seen:0:*"))
-    probe = [*first[:50], *more[-50:], "b0", "b1", "c"]
-    assert await store.seen(0, probe) == {*first[:50], *more[-50:], "b0", "b1"}
-    for shard in range(4 * SHARDS_MIN):  # re-sharded: each id in its shard of generation 1
-        members = await store.redis.smembers(store.key(0, f"seen:1:{shard}"))
-        assert all(shard_of(m, 4 * SHARDS_MIN) == shard for m in members)
-    remembered = [*first, *more, "b0", "b1"]
-    assert await store.seen(0, remembered) == set(remembered)
-
-
-async def test_a_lookup_never_uses_a_table_the_store_no_longer_has(
-    redis_server: EmbeddedRedis, store: RedisStore
-) -> None:
-    """Two workers' stores: one rolls the generations over, the other's cached table is stale;
-    its next look-up reads the stored table (the script refuses the stale one)."""
+async def test_a_stale_index_never_commits(redis_server: EmbeddedRedis, store: RedisStore) -> None:
+    """Two workers' stores: the other commits after this one loaded. This one's look-up was
+    answered on the state it loaded; its commit is fenced out, and once reloaded it finds the
+    other's ids."""
     await remember(store, ["old"], 0)
-    other_client = Redis.from_url(redis_server.url)
+    snapshot = await store.load(0)
+    client = Redis.from_url(redis_server.url)
     try:
-        other = RedisStore(other_client, partitions=1, prefix=store.prefix)
-        assert await other.seen(0, ["old"]) == {"old"}  # caches generation 0 alone
-        await remember(store, ["new"], 24 * H)  # generation 1 opens
-        assert await other.seen(0, ["old", "new", "none"]) == {"old", "new"}
+        other = RedisStore(client, partitions=1, prefix=store.prefix)
+        await remember(other, ["new"], 24 * H)  # generation 1 opens
     finally:
-        await other_client.aclose()
+        await client.aclose()
+    assert await store.seen(0, ["old", "new"]) == {"old"}  # the state it loaded
+    delta = Delta(0, snapshot.offset + 1, Watermark(24 * H, 24 * H))
+    delta.seen = ["new"]
+    assert not await store.commit(delta, snapshot.offset, R)
+    await store.load(0)
+    assert await store.seen(0, ["old", "new", "none"]) == {"old", "new"}
+    assert await store.redis.get(store.key(0, "seen:1:0")) == digest("new")
 
 
-def test_every_generation_key_is_listed_for_its_drop() -> None:
-    keys = redis_dedup.generation_keys("p:", Generation(7, 16, 0))
-    assert keys == [f"p:7:{s}" for s in range(16)]
+async def test_a_store_of_another_layout_is_refused(store: RedisStore) -> None:
+    await store.redis.hset(store.key(0, "meta"), mapping={"layout": "2", "seen": "0,16,5,-1,3"})
+    with pytest.raises(Exception, match="another store layout"):
+        await store.load(0)

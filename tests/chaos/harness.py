@@ -171,8 +171,9 @@ def partition_state(url: str, prefix: str, partition: int) -> tuple[dict[str, in
         pipe = client.pipeline(transaction=False)
         for generation in generations:
             for key in generation_keys(f"{prefix}:{{p{partition}}}:seen:", generation):
-                pipe.smembers(key)
-        seen = [d for members in pipe.execute() for d in members]
+                pipe.get(key)
+        digests = b"".join(s for s in pipe.execute() if s)
+        seen = [digests[i : i + 16] for i in range(0, len(digests), 16)]
     finally:
         client.close()
     return {k.decode(): int(v) for k, v in counters.items()}, seen
