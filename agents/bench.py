@@ -75,9 +75,10 @@ QUICK = Sizes(
 
 
 def simulated_events(count: int, seed: int = 42) -> list[dict[str, object]]:
-    """Realistic events in simulated time (one hour ago onwards, 100 events per second)."""
+    """Realistic events in simulated time, 100 events per second, ending about a minute ago (none
+    ahead of the clock: the worker would reject them)."""
     sim = Simulator(PARTITIONS, gap_s=1800, seed=seed)
-    start_ms = int(time.time() * 1000) - 3_600_000
+    start_ms = int(time.time() * 1000) - count * 10 - 60_000
     out: list[dict[str, object]] = []
     tick = 0
     while len(out) < count:
