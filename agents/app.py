@@ -276,14 +276,15 @@ def _tune_gc() -> None:
     gc.set_threshold(*_GC_THRESHOLD)
 
 
-def _load_malloc_trim() -> Any:
+def _load_libc() -> Any:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to trim
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc: nothing to tune
         return None
 
 
-_MALLOC_TRIM = _load_malloc_trim()
+_LIBC = _load_libc()
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
@@ -294,9 +295,8 @@ def _fix_mmap_threshold() -> None:
     few batches, record bytes and index arrays of a MiB or more come from the heap, where what
     they leave free stays resident (the worker's RSS then moves by tens of MB between runs).
     """
-    if _MALLOC_TRIM is not None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
 
 
 def _trim_heap() -> None:
@@ -305,8 +305,8 @@ def _trim_heap() -> None:
     A batch's record bytes and replies are large allocations made and freed at each batch; glibc
     keeps what they leave free, so the worker's resident memory would stay at its peak.
     """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _record(message: Any) -> Record:

@@ -298,6 +298,13 @@ class RedisStore:
             meta = again
         raise RuntimeError(f"partition {partition}: committed to while being loaded; retrying")
 
+    async def _index(self, partition: int) -> DigestIndex:
+        """The partition's counted ids in memory; loaded first if this store has not (the worker
+        always loads a partition before anything else)."""
+        if partition not in self._indexes:
+            await self.load(partition)
+        return self._indexes[partition]
+
     def forget(self, partition: int) -> None:
         self._indexes.pop(partition, None)
         self._digests.pop(partition, None)
@@ -351,10 +358,7 @@ class RedisStore:
     async def seen(self, partition: int, event_ids: Sequence[str]) -> set[str]:
         if not event_ids:
             return set()
-        index = self._indexes.get(partition)
-        if index is None:
-            await self.load(partition)
-            index = self._indexes[partition]
+        index = await self._index(partition)
         each = [digest(i) for i in event_ids]
         self._digests[partition] = dict(zip(event_ids, each, strict=True))
         found = index.contains(b"".join(each))
@@ -384,10 +388,7 @@ class RedisStore:
         digests = b"".join([known.get(i) or digest(i) for i in delta.seen])
         del known
         expired = self._expired.pop(p, [])
-        index = self._indexes.get(p)
-        if index is None:  # not loaded by this store (the worker always loads first)
-            await self._load_meta_and_ids(p)
-            index = self._indexes[p]
+        index = await self._index(p)
         assumed = index.text
         wm = delta.watermark
         roll = redis_dedup.advance(
@@ -423,7 +424,6 @@ class RedisStore:
         rev, self._expired[p] = reply
         self._revs[p] = int(rev)
         index.committed(roll, digests)
-        self._indexes[p] = index
         return True
 
     def _add_sums(self, parts: _Parts, delta: Delta) -> None:
