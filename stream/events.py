@@ -8,12 +8,12 @@ event inside an envelope rejects that event only. Bad input is data: every probl
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
+import msgspec
 import orjson
 
 MAX_EVENT_BYTES: Final = 64 * 1024
@@ -47,43 +47,55 @@ class EventType(StrEnum):
 
 
 _TYPES: Final = {t.value: t for t in EventType}
+_PARTICIPATION: Final = EventType.PARTICIPATION  # a member read from its class costs ~0.1 us
 
 
-@dataclass(frozen=True, slots=True)
-class Participant:
+class Participant(msgspec.Struct, frozen=True, gc=False):
     """The identity fields of a participation, as sent (hashed before anything is stored)."""
 
-    first_name: str
-    last_name: str
-    email: str
+    first_name: str = ""
+    last_name: str = ""
+    email: str = ""
 
 
-@dataclass(
-    slots=True
-)  # not frozen: built per event, and frozen __init__ costs (treat as immutable)
-class Event:
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+_Ts = Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)]
+
+
+class Event(msgspec.Struct, gc=False):
     """A valid event.
+
+    Its field types are the contract's rules: :func:`validate` checks a decoded object against
+    them in one C call (``msgspec.convert``), and only an object that fails them is checked again
+    field by field, in Python, for the precise reason (or found valid: the per-type fields are
+    checked only for the types that name them).
 
     Attributes:
         event_id: Unique id, 1..128 chars.
         type: The event type.
-        ts_ms: Event time, epoch milliseconds (UTC).
+        ts_ms: Event time, epoch milliseconds (UTC); ``ts`` in JSON.
         campaign_id: The campaign, 1..128 chars.
         visitor_id: The anonymous visitor, 1..128 chars.
         channel: Traffic source, ``"unknown"`` when absent.
         participant: Identity of a participation, ``None`` when absent (the visitor then is the
-            participant).
+            participant), and on the other types.
+        page, page_type, logged_in, action, network, optins: The per-type optional fields, when
+            sent with their JSON type (``None`` otherwise); v1 counts nothing from them.
     """
 
-    event_id: str
+    event_id: _Id
     type: EventType
-    ts_ms: int
-    campaign_id: str
-    visitor_id: str
+    ts_ms: _Ts = msgspec.field(name="ts")
+    campaign_id: _Id
+    visitor_id: _Id
     channel: str = "unknown"
     participant: Participant | None = None
-    source: dict[str, Any] | None = field(default=None, compare=False, repr=False)
-    """The decoded JSON object, kept for forwarding with its extra fields (not stored)."""
+    page: str | None = None
+    page_type: str | None = None
+    logged_in: bool | None = None
+    action: str | None = None
+    network: str | None = None
+    optins: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,9 +191,14 @@ def _participant(obj: dict[str, Any]) -> Participant | None:
     if raw is None:
         return None
     fields = [_optional(raw, name, str) or "" for name in ("first_name", "last_name", "email")]
-    if not any(f.strip() for f in fields):
-        return None  # an empty participant object identifies nobody: the visitor is the participant
-    return Participant(*fields)
+    return _identifying(Participant(*fields))
+
+
+def _identifying(participant: Participant) -> Participant | None:
+    """``None`` for a participant whose fields are all blank: it identifies nobody (the visitor
+    is the participant)."""
+    p = participant
+    return p if p.first_name.strip() or p.last_name.strip() or p.email.strip() else None
 
 
 # Optional fields each type names, with their JSON types (checked, otherwise ignored in v1).
@@ -191,13 +208,19 @@ _TYPED_FIELDS: Final[dict[EventType, tuple[tuple[str, type], ...]]] = {
     EventType.PARTICIPATION: (),
     EventType.SHARE: (("network", str),),
 }
+_KEPT_FIELDS: Final = tuple(pair for fields in _TYPED_FIELDS.values() for pair in fields)
+
+_convert: Final = msgspec.convert
+_Failed: Final = msgspec.ValidationError
+_EVENTS: Final = list[Event]
 
 
 def validate(obj: object) -> Event:
     """Validate one decoded JSON value as an event.
 
-    The common case (string ids, integer ``ts``, well-typed fields) takes a fast path; anything
-    else goes through :func:`_validate_fully`, which finds the precise reason.
+    The contract's rules are :class:`Event`'s field types, checked in C; an object they refuse
+    goes through :func:`_validate_fully`, which finds the precise reason, or finds it valid (the
+    types check the per-type fields on every type; the contract, only on the types naming them).
 
     Args:
         obj: A value decoded from JSON.
@@ -208,43 +231,29 @@ def validate(obj: object) -> Event:
     Raises:
         _Invalid: with the rejection reason (module-internal; use :func:`decode_record`).
     """
-    if isinstance(obj, dict):
-        get: Callable[[str], Any] = obj.get
-        event_id, campaign_id, visitor_id, ts = (
-            get("event_id"),
-            get("campaign_id"),
-            get("visitor_id"),
-            get("ts"),
-        )
-        type_value = get("type")
-        event_type = _TYPES.get(type_value) if type_value.__class__ is str else None
-        channel = get("channel") or "unknown"
-        if (
-            event_type is not None
-            and event_id.__class__ is str
-            and 0 < len(event_id) <= MAX_ID_CHARS
-            and campaign_id.__class__ is str
-            and 0 < len(campaign_id) <= MAX_ID_CHARS
-            and visitor_id.__class__ is str
-            and 0 < len(visitor_id) <= MAX_ID_CHARS
-            and ts.__class__ is int
-            and 0 <= ts <= MAX_TS_MS
-            and channel.__class__ is str
-        ):
-            for name, kind in _TYPED_FIELDS[event_type]:
-                value = get(name)
-                if value is not None and not isinstance(value, kind):
-                    break  # the full validation names the field
-            else:
-                participant = _participant(obj) if event_type is EventType.PARTICIPATION else None
-                return Event(
-                    event_id, event_type, ts, campaign_id, visitor_id, channel, participant, obj
-                )
-    return _validate_fully(obj)
+    try:
+        event: Event = _convert(obj, Event)
+    except _Failed:
+        return _validate_fully(obj)
+    return _settled(event)
+
+
+def _settled(event: Event) -> Event:
+    """What the types cannot say: an empty channel is ``unknown``; only a participation has a
+    participant, and only one who is somebody."""
+    if not event.channel:
+        event.channel = "unknown"
+    participant = event.participant
+    if participant is not None and (
+        event.type is not _PARTICIPATION or _identifying(participant) is None
+    ):
+        event.participant = None
+    return event
 
 
 def _validate_fully(obj: object) -> Event:
-    """:func:`validate`, field by field, raising the first problem found."""
+    """:func:`validate`, field by field, raising the first problem found (the reference: an
+    object :class:`Event`'s types accept gives the same event here)."""
     if not isinstance(obj, dict):
         raise _Invalid(Reason.NOT_AN_OBJECT, "event is not a JSON object")
     event_id = _required_id(obj, "event_id")
@@ -265,7 +274,14 @@ def _validate_fully(obj: object) -> Event:
     for name, kind in _TYPED_FIELDS[event_type]:
         _optional(obj, name, kind)
     participant = _participant(obj) if event_type is EventType.PARTICIPATION else None
-    return Event(event_id, event_type, ts_ms, campaign_id, visitor_id, channel, participant, obj)
+    # Kept when well typed, whatever the type (as Event's types keep them).
+    kept: dict[str, Any] = {
+        name: value for name, kind in _KEPT_FIELDS if isinstance(value := obj.get(name), kind)
+    }
+    optins = obj.get("optins")
+    if isinstance(optins, list) and all(isinstance(o, str) for o in optins):
+        kept["optins"] = optins
+    return Event(event_id, event_type, ts_ms, campaign_id, visitor_id, channel, participant, **kept)
 
 
 def _one(obj: object, raw: bytes | None, index: int | None) -> Event | Rejection:
@@ -275,6 +291,30 @@ def _one(obj: object, raw: bytes | None, index: int | None) -> Event | Rejection
         if raw is None:
             raw = orjson.dumps(obj)
         return Rejection(invalid.reason, invalid.message, raw, index)
+
+
+class EventJson:
+    """The JSON of a record's events, as forwarded or dead-lettered: each event object encoded
+    again, with its extra fields. Events keep no copy of their object: the record is decoded
+    again when one is asked for, once.
+
+    Args:
+        value: The record's value (an event object, or an envelope of them).
+    """
+
+    __slots__ = ("_objects", "_value")
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+        self._objects: list[Any] | None = None
+
+    def __getitem__(self, index: int) -> bytes:
+        """The JSON of the record's ``index``-th event (its item of :func:`decode_record`)."""
+        objects = self._objects
+        if objects is None:
+            decoded = orjson.loads(self._value)
+            objects = self._objects = decoded if isinstance(decoded, list) else [decoded]
+        return orjson.dumps(objects[index])
 
 
 # orjson decodes up to 1024 levels of nesting but encodes at most this many: an event nested
@@ -323,6 +363,15 @@ def decode_record(value: bytes | None) -> list[Event | Rejection]:
         return [_one(decoded, value, None)]
     if size <= MAX_EVENT_BYTES and not deep:
         # No element can exceed the limit when the whole envelope does not: skip re-encoding.
+        try:
+            events: list[Event] = _convert(decoded, _EVENTS)  # the common case: one C call
+        except _Failed:
+            pass
+        else:
+            for event in events:
+                if event.participant is not None or not event.channel:
+                    _settled(event)
+            return events  # type: ignore[return-value]  # list is invariant; read-only here
         items: list[Event | Rejection] = []
         append = items.append
         for i, obj in enumerate(decoded):

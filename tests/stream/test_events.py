@@ -5,19 +5,25 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import stream.events as events_module
 from stream.events import (
     MAX_EVENT_BYTES,
     MAX_TS_MS,
     Event,
+    EventJson,
     EventType,
     Participant,
     Reason,
     Rejection,
+    _Invalid,
+    _settled,
+    _validate_fully,
     decode_record,
 )
 from tests.stream.factories import H_MS, dumps, event
@@ -261,7 +267,7 @@ def test_id_length_bounds_accepted(length: int) -> None:
 def test_single_event_object() -> None:
     obj = event("e9", "interaction", H_MS, "camp", "vis", channel="email", action="vote")
     assert decode_record(dumps(obj)) == [
-        Event("e9", EventType.INTERACTION, H_MS, "camp", "vis", "email")
+        Event("e9", EventType.INTERACTION, H_MS, "camp", "vis", "email", action="vote")
     ]
 
 
@@ -344,11 +350,14 @@ def test_participant(obj: dict[str, Any], participant: Participant | None) -> No
     assert item.participant == participant
 
 
-def test_extra_fields_are_ignored_but_kept_as_source() -> None:
+def test_extra_fields_are_ignored_but_forwarded() -> None:
     obj = event(type="share", network="x", utm={"source": "newsletter"}, score=3.5)
     item = one(dumps(obj))
     assert isinstance(item, Event)
-    assert item.source == obj
+    assert item.network == "x"
+    envelope = dumps([event("other"), obj])
+    assert orjson.loads(EventJson(dumps(obj))[0]) == obj
+    assert orjson.loads(EventJson(envelope)[1]) == obj
 
 
 # --- Size limit --------------------------------------------------------------------------------
@@ -431,7 +440,7 @@ def test_moderately_nested_extra_fields_are_accepted_and_re_encodable(depth: int
     value = dumps(event("deep"))[:-1] + b', "extra": ' + nested(depth) + b"}"
     item = one(value)
     assert isinstance(item, Event)
-    assert orjson.loads(orjson.dumps(item.source)) == orjson.loads(value)  # forwardable
+    assert orjson.loads(EventJson(value)[0]) == orjson.loads(value)  # forwardable
 
 
 # --- Properties --------------------------------------------------------------------------------
@@ -458,28 +467,28 @@ event_like = st.dictionaries(
 )
 
 
-def check_shape(items: list[Event | Rejection]) -> None:
+def check_shape(value: bytes, items: list[Event | Rejection]) -> None:
     assert isinstance(items, list)
-    for item in items:
+    for index, item in enumerate(items):
         assert isinstance(item, Event | Rejection)
         if isinstance(item, Rejection):
             assert item.reason in Reason
             assert isinstance(item.raw, bytes)
         else:
-            orjson.dumps(item.source)  # an accepted event can always be forwarded
+            EventJson(value)[index]  # an accepted event can always be forwarded
 
 
 @given(st.binary(max_size=300))
 @settings(max_examples=300, deadline=None)
 def test_random_bytes_never_raise(value: bytes) -> None:
-    check_shape(decode_record(value))
+    check_shape(value, decode_record(value))
 
 
 @given(st.one_of(json_values, event_like, st.lists(st.one_of(event_like, json_values), max_size=5)))
 @settings(max_examples=150, deadline=None)
 def test_random_json_never_raises_and_keeps_one_item_per_element(value: Any) -> None:
     items = decode_record(dumps(value))
-    check_shape(items)
+    check_shape(dumps(value), items)
     assert len(items) == (len(value) if isinstance(value, list) else 1)
     for i, item in enumerate(items):
         if isinstance(item, Rejection):
@@ -491,4 +500,121 @@ def test_random_json_never_raises_and_keeps_one_item_per_element(value: Any) -> 
 )
 @settings(max_examples=200, deadline=None)
 def test_json_like_garbage_never_raises(parts: list[bytes]) -> None:
-    check_shape(decode_record(b"".join(parts)))
+    value = b"".join(parts)
+    check_shape(value, decode_record(value))
+
+
+# --- The typed check (C) agrees with the reference validator (Python) ---------------------------
+#
+# validate() converts an object into Event, whose field types are the contract's rules, and falls
+# back to the field-by-field reference only when the types refuse it. The types may be stricter
+# than the contract (a fallback then finds the object valid), never looser, and an object they
+# accept must give the reference's event exactly.
+
+edge_ids = st.one_of(
+    st.sampled_from(["", "a", "x" * 128, "x" * 129, "é" * 128, "é" * 129, "😀" * 128, "😀" * 129]),
+    st.text(max_size=3),
+)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=4)
+)
+ts_values = st.one_of(
+    st.sampled_from([0, -1, MAX_TS_MS, MAX_TS_MS + 1, True, 1.0, None]),
+    st.sampled_from(["2023-11-14T22:00:00Z", "2023-11-14T22:00:00"]),
+    st.integers(-(2**63), 2**64 - 1),  # what JSON encoders write
+)
+PERSON = ("first_name", "last_name", "email", "phone")
+REQUIRED = ("event_id", "type", "ts", "campaign_id", "visitor_id")
+valid_ids = st.text(min_size=1, max_size=5)
+valid_required = st.fixed_dictionaries(
+    {
+        "event_id": valid_ids,
+        "type": st.sampled_from([t.value for t in EventType]),
+        "ts": st.integers(0, MAX_TS_MS),
+        "campaign_id": valid_ids,
+        "visitor_id": valid_ids,
+    }
+)
+# A few required fields changed to anything, or removed.
+changes = st.dictionaries(
+    st.sampled_from(REQUIRED),
+    st.one_of(
+        edge_ids,
+        scalars,
+        ts_values,
+        st.sampled_from(["PAGE_VIEW", "other", *(t.value for t in EventType)]),
+        st.just(MISSING),
+    ),
+    max_size=2,
+)
+# Optional fields, often of their type (so that the types accept the event), or anything.
+optional_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "channel": st.one_of(st.sampled_from(["", " ", "web"]), scalars),
+        "participant": st.one_of(
+            *(
+                st.fixed_dictionaries({}, optional=dict.fromkeys(PERSON, values))
+                for values in (st.sampled_from(["", " ", "A", "a@b.c"]), scalars)
+            ),
+            scalars,
+        ),
+        "optins": st.one_of(st.lists(st.text(max_size=3), max_size=2), st.lists(scalars), scalars),
+        "logged_in": st.one_of(st.booleans(), scalars),
+        **{
+            name: st.one_of(st.text(max_size=3), scalars)
+            for name in ("page", "page_type", "action", "network", "utm_source")
+        },
+    },
+)
+
+
+@st.composite
+def near_events(draw: st.DrawFn) -> dict[str, Any]:
+    """Valid events, some with required fields changed or removed, with any optional fields."""
+    obj = {**draw(valid_required), **draw(changes), **draw(optional_fields)}
+    return {name: value for name, value in obj.items() if value is not MISSING}
+
+
+def reference(obj: Any) -> Event | Reason:
+    try:
+        return _validate_fully(obj)
+    except _Invalid as invalid:
+        return invalid.reason
+
+
+@given(near_events())
+@settings(max_examples=600, deadline=None)
+def test_what_the_types_accept_the_reference_accepts_identically(obj: dict[str, Any]) -> None:
+    try:
+        typed = msgspec.convert(obj, Event)
+    except msgspec.ValidationError:
+        return  # refused: validate() asks the reference
+    assert _settled(typed) == reference(obj)
+
+
+@given(st.lists(near_events(), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_an_envelope_decodes_as_its_elements_do_one_by_one(objs: list[dict[str, Any]]) -> None:
+    value = dumps(objs)
+    items = decode_record(value)
+    expected = [reference(o) for o in orjson.loads(value)]  # as JSON has them (inf is null)
+    assert [i if isinstance(i, Event) else i.reason for i in items] == expected
+
+
+def test_a_well_formed_event_takes_the_typed_check_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(obj: object) -> Event:
+        raise AssertionError("the reference validator was called")
+
+    monkeypatch.setattr(events_module, "_validate_fully", refuse)
+    objs = [
+        event("a", channel="web", page="/", page_type="landing", logged_in=True, utm={"x": [1]}),
+        event("b", "interaction", action="vote", channel=""),
+        event("c", "participation", participant={"email": "a@b.c"}, optins=["news"]),
+        event("d", "participation", participant={"email": " "}),
+        event("e", "share", network="x", participant={"email": "a@b.c"}),
+    ]
+    items = decode_record(dumps(objs))
+    assert [type(i) for i in items] == [Event] * 5
+    assert [i.channel for i in items] == ["web", "unknown", "unknown", "unknown", "unknown"]
+    assert [i.participant for i in items] == [None, None, Participant(email="a@b.c"), None, None]
