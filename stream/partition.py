@@ -216,7 +216,7 @@ class PartitionState:
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         bound = self.watermark.watermark_ms
         keys = []
-        held = self.visits  # held visits are the store's, as of the last commit: not fetched
+        held = self.visits.keys()  # held visits are the store's, as of the last commit
         homes = self._homes
         unknown: dict[str, None] = {}  # in order of arrival (the memo forgets the oldest first)
         for d in decoded:
@@ -290,6 +290,7 @@ class PartitionState:
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         batch_seen: set[str] = set()
         processed = 0
+        homes, partition = self._homes, self.partition  # _is_home's common case, inline
         for d in decoded:
             record = d.record
             if record.offset <= self.offset:
@@ -304,7 +305,7 @@ class PartitionState:
                         Reason.BAD_TIMESTAMP, "ts is too far in the future", as_json[index], None
                     )
                     self._reject(delta, record, rejection)
-                elif not self._is_home(item, own_key):
+                elif homes.get(item.visitor_id) != partition and not self._is_home(item, own_key):
                     delta.forwards.append(Forward(item.visitor_id, as_json[index]))
                     delta.pipeline["forwarded"] += 1
                 elif item.event_id in seen or item.event_id in batch_seen:

@@ -9,7 +9,7 @@ how the input was cut into batches.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, KeysView
 from dataclasses import dataclass
 
 from stream.events import EventType
@@ -141,6 +141,10 @@ class VisitTracker:
     def __contains__(self, key: VisitKey) -> bool:
         """Whether ``key`` has open visits here."""
         return key in self._open
+
+    def keys(self) -> KeysView[VisitKey]:
+        """The keys with open visits here (a live view: ``in`` costs no call)."""
+        return self._open.keys()
 
     def load(self, key: VisitKey, visits: list[Visit]) -> None:
         """Restore the open visits of ``key`` from the store (``key`` must not be here yet)."""
