@@ -223,7 +223,7 @@ class PartitionState:
             if d.record.offset <= self.offset:
                 continue
             for item in d.items:
-                if item.__class__ is Event and item.ts_ms <= future_limit_ms:
+                if not isinstance(item, Rejection) and item.ts_ms <= future_limit_ms:
                     key = (item.campaign_id, item.visitor_id)
                     if key not in held:
                         keys.append(key)
@@ -298,8 +298,8 @@ class PartitionState:
             own_key = record.key
             as_json = EventJson(record.value or b"")  # decodes only if an event leaves as JSON
             for index, item in enumerate(d.items):
-                if item.__class__ is not Event:
-                    self._reject(delta, record, item)  # type: ignore[arg-type]
+                if isinstance(item, Rejection):
+                    self._reject(delta, record, item)
                 elif item.ts_ms > future_limit_ms:
                     rejection = Rejection(
                         Reason.BAD_TIMESTAMP, "ts is too far in the future", as_json[index], None

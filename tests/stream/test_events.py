@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -21,10 +22,13 @@ from stream.events import (
     Participant,
     Reason,
     Rejection,
+    _decode_exact,
+    _decode_objects,
     _Invalid,
     _settled,
     _validate_fully,
     decode_record,
+    validate,
 )
 from tests.stream.factories import H_MS, dumps, event
 
@@ -618,3 +622,111 @@ def test_a_well_formed_event_takes_the_typed_check_alone(monkeypatch: pytest.Mon
     assert [type(i) for i in items] == [Event] * 5
     assert [i.channel for i in items] == ["web", "unknown", "unknown", "unknown", "unknown"]
     assert [i.participant for i in items] == [None, None, Participant(email="a@b.c"), None, None]
+
+
+# --- Decoding the text straight into events agrees with decoding it into objects first ---------
+#
+# decode_record() first decodes the text straight into events (msgspec), refusing any field the
+# contract does not name, and decodes it into objects (orjson) only when that fails. Where the
+# first decodes, the second must give the same events: the texts below are near-events written
+# in the ways JSON allows (spacing, escapes, repeated keys) and with what one parser may accept
+# and the other not (invalid UTF-8, numbers out of range, lone surrogates) in any field.
+
+ODD_VALUES = [
+    b"1e400",
+    b"-1e309",
+    b"1" + b"0" * 400,
+    b"123456789012345678901234567890",
+    b"18446744073709551616",
+    b"1.0",
+    b"-0",
+    b'"\xff"',  # invalid UTF-8
+    b'"\xed\xa0\x80"',  # a surrogate in UTF-8 (invalid)
+    b'"\\ud800"',  # a lone surrogate, escaped
+    b'"\\u00e9\\u0000"',
+    b'"\\x41"',  # an escape JSON does not have
+    b"[1e999]",
+    b"{}",
+    b"null",
+    b"tru",
+]
+
+
+def ascii_json(value: Any) -> bytes:
+    """JSON with every non-ASCII character escaped (``\\u00e9``, surrogate pairs)."""
+    return json.dumps(orjson.loads(dumps(value)), ensure_ascii=True).encode()
+
+
+@st.composite
+def written(draw: st.DrawFn, obj: Any) -> bytes:
+    """``obj`` as JSON text, written in one of the ways JSON allows, sometimes spoiled."""
+    if not isinstance(obj, dict):
+        return dumps(obj)
+    encode = draw(st.sampled_from([dumps, ascii_json]))
+    pairs = [(encode(k), encode(v)) for k, v in obj.items()]
+    if pairs and draw(st.booleans()):  # a repeated key: the last one counts
+        k, _ = draw(st.sampled_from(pairs))
+        pairs.insert(draw(st.integers(0, len(pairs))), (k, encode(draw(scalars))))
+    if draw(st.booleans()):  # an odd value, in an extra field or in one the contract names
+        name = draw(st.sampled_from(["x", *REQUIRED, "page", "channel", "participant"]))
+        pairs.append((dumps(name), draw(st.sampled_from(ODD_VALUES))))
+    space = draw(st.sampled_from([b"", b" ", b"\n\t "]))
+    return b"{" + space + (b"," + space).join(k + b":" + space + v for k, v in pairs) + b"}"
+
+
+@st.composite
+def event_texts(draw: st.DrawFn) -> bytes:
+    if draw(st.booleans()):
+        return draw(written(draw(near_events())))
+    objs = draw(st.lists(near_events(), max_size=5))
+    return b"[" + b",".join(draw(written(o)) for o in objs) + b"]"
+
+
+def exact_or_reference(value: bytes) -> tuple[list[Event | Rejection] | None, list[Any]]:
+    first, size = value.lstrip()[:1], len(value)
+    return _decode_exact(value, first, size), _decode_objects(value, first, size)
+
+
+@given(event_texts())
+@settings(max_examples=1500, deadline=None)
+def test_what_decodes_straight_into_events_decodes_identically_through_objects(
+    value: bytes,
+) -> None:
+    exact, reference = exact_or_reference(value)
+    if exact is not None:
+        assert exact == reference
+        assert all(isinstance(e, Event) for e in reference)
+
+
+@pytest.mark.parametrize("odd", ODD_VALUES)
+@pytest.mark.parametrize("field", ["x", "ts", "page", "participant"])
+def test_an_odd_value_in_any_field_is_judged_by_the_reference(odd: bytes, field: str) -> None:
+    # Skipping a field it does not know, msgspec accepts invalid UTF-8 and numbers out of range
+    # that orjson refuses: the straight decoding must refuse every field the contract does not name.
+    text = dumps(event("o"))[:-1] + b',"' + field.encode() + b'":' + odd + b"}"
+    for value in (text, b"[" + text + b"]"):
+        exact, reference = exact_or_reference(value)
+        assert exact is None or exact == reference
+        assert decode_record(value) == reference
+
+
+def test_contract_fields_only_take_the_straight_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> list[Event | Rejection]:
+        raise AssertionError("decoded through objects")
+
+    monkeypatch.setattr(events_module, "_decode_objects", refuse)
+    objs = [
+        event("a", channel="web", page="/", page_type="landing", logged_in=True),
+        event("b", "participation", participant={"first_name": "Zoé"}, optins=["news"]),
+    ]
+    assert decode_record(dumps(objs)) == [validate(o) for o in objs]
+    assert decode_record(b" \n" + dumps(objs[1])) == [validate(objs[1])]
+    big = [event(f"e{i}", page="/" + "x" * 100) for i in range(1000)]  # 150 KB of small events
+    assert decode_record(dumps(big)) == [validate(o) for o in big]
+
+
+def test_an_envelope_over_64KiB_with_a_too_large_event_is_read_by_the_reference() -> None:
+    objs = [event("small"), event("big", page="x" * MAX_EVENT_BYTES)]
+    items = decode_record(dumps(objs))
+    assert items[0] == validate(objs[0])
+    assert isinstance(items[1], Rejection) and items[1].reason is Reason.TOO_LARGE
