@@ -344,12 +344,14 @@ class RedisStore:
         shard_at = {i: shard for shard, i in index.items()}
         scan = Scan(int(offset))
         out: dict[VisitKey, list[Visit]] = {}
+        held = needs.held
         for i, low, entries in scans:
             seen = scan.shards[shard_at[i]] = ScannedShard(None if low < 0 else low)
             for j in range(0, len(entries), 2):
                 field, value = entries[j].decode(), entries[j + 1].decode()
                 seen.returned[field] = due_of(value)
-                out[decode_key(field)] = decode_visits(value)
+                if (key := decode_key(field)) not in held:
+                    out[key] = decode_visits(value)
         for j in range(0, len(found), 2):
             out[decode_key(found[j].decode())] = decode_visits(found[j + 1].decode())
         self._scans[partition] = scan

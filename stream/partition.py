@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from stream.events import Event, EventJson, EventType, Reason, Rejection, decode_record
@@ -144,10 +144,12 @@ def candidate_ids(decoded: Sequence[Decoded]) -> list[str]:
 @dataclass(frozen=True, slots=True)
 class VisitNeeds:
     """The open visits a step needs from the store: those of ``keys``, and every visit whose
-    last event time is before ``last_before_ms`` (it may close in this step)."""
+    last event time is before ``last_before_ms`` (it may close in this step), but those of
+    ``held`` (the step has them: the store need not return them, and they are not loaded)."""
 
     keys: list[VisitKey]
     last_before_ms: int
+    held: Container[VisitKey] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +235,7 @@ class PartitionState:
                         bound = item.ts_ms
         if unknown:
             self._learn_homes(list(unknown))
-        return VisitNeeds(keys, bound - self.limits.gap_ms)
+        return VisitNeeds(keys, bound - self.limits.gap_ms, held)
 
     def _learn_homes(self, visitors: list[str]) -> None:
         homes = self._homes
@@ -245,7 +247,9 @@ class PartitionState:
     def idle_needs(self, now_s: float) -> VisitNeeds | None:
         """The open visits :meth:`idle_advance` may close now; ``None``: it would do nothing."""
         target = self.watermark.idle_target(now_s, self.limits.idle_advance_s)
-        return None if target is None else VisitNeeds([], target - self.limits.gap_ms)
+        if target is None:
+            return None
+        return VisitNeeds([], target - self.limits.gap_ms, self.visits.keys())
 
     def load_visits(self, visits: Mapping[VisitKey, list[Visit]]) -> None:
         """Bring open visits from the store into memory (keys already here are kept as they are)."""

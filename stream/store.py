@@ -59,7 +59,7 @@ class Store(Protocol):
 
     async def visits(self, partition: int, needs: VisitNeeds) -> dict[VisitKey, list[Visit]]:
         """The open visits of ``needs.keys``, and those whose last event is before
-        ``needs.last_before_ms`` (for any key)."""
+        ``needs.last_before_ms`` (for any key); those of ``needs.held`` may be left out."""
         ...
 
     async def add_uniques(self, uniques: UniqueAdds) -> None:

@@ -210,6 +210,20 @@ async def test_a_due_visit_left_open_keeps_its_shard_due(store: RedisStore) -> N
     assert await store.visits(0, VisitNeeds([], 200)) == {a: one(100)}
 
 
+async def test_held_visits_are_not_returned_yet_keep_their_shard_due(store: RedisStore) -> None:
+    """A due visit the step holds is left out of the reply, not out of the scan: a commit that
+    leaves it alone keeps its shard's bound at its due time."""
+    a, b = key_in(0), key_in(0, 1)
+    await put(store, {a: one(100), b: one(150)})
+    snapshot = await store.load(0)
+    assert await store.visits(0, VisitNeeds([], 200, held={a})) == {b: one(150)}
+    delta = Delta(0, snapshot.offset + 1, Watermark(0, 0))
+    delta.visits = {b: None}  # b closed; a neither closed nor rewritten
+    assert await store.commit(delta, snapshot.offset, 86_400_000)
+    assert await bound(store, 0) == 100
+    assert await store.visits(0, VisitNeeds([], 200)) == {a: one(100)}
+
+
 async def test_a_shard_closed_empty_leaves_the_index(store: RedisStore) -> None:
     a = key_in(2)
     await put(store, {a: one(100)})
