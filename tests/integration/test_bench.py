@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
-from agents.bench import latency, produce_to_visible
+from agents.bench import (
+    create_topics,
+    envelopes,
+    latency,
+    produce,
+    produce_to_visible,
+    simulated_events,
+    worker_rate,
+)
 from agents.embedded import EmbeddedBroker, EmbeddedRedis
 
 
@@ -41,3 +51,17 @@ def test_latency_runs_on_a_running_campaign_and_counts_every_tick(
     # it, nearly every timed event would be a new visitor's (0.95 measured).
     assert 0.2 < result["new_visitor_share"] < 0.7
     assert 1500 < result["achieved_events_per_s"] < 2500
+
+
+@pytest.mark.integration
+def test_a_worker_rate_is_timed_from_its_first_fetch(
+    broker: EmbeddedBroker, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    events = simulated_events(3_000)
+    asyncio.run(create_topics(broker.bootstrap, ["rate"]))
+    asyncio.run(produce(broker.bootstrap, "rate", [(None, p, v) for p, v in envelopes(events)]))
+    started = time.perf_counter()
+    rate = worker_rate(broker.bootstrap, redis_server.url, "rate", len(events), tmp_path)
+    elapsed = time.perf_counter() - started  # the worker's start and group join included
+    # Timed from its first fetch, not from its first commit: never the events over no time.
+    assert len(events) / elapsed < rate < float("inf")
