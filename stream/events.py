@@ -8,6 +8,7 @@ event inside an envelope rejects that event only. Bad input is data: every probl
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -286,6 +287,14 @@ def _settled(event: Event) -> Event:
     return event
 
 
+def _all_settled(events: Sequence[Event]) -> list[Event | Rejection]:
+    """:func:`_settled` on a record's typed events, where it may change one (most it would not)."""
+    for event in events:
+        if event.participant is not None or not event.channel:
+            _settled(event)
+    return events  # type: ignore[return-value]  # a list, read-only from here
+
+
 def _validate_fully(obj: object) -> Event:
     """:func:`validate`, field by field, raising the first problem found (the reference: an
     object :class:`Event`'s types accept gives the same event here)."""
@@ -402,10 +411,7 @@ def _decode_exact(value: bytes, first: bytes, size: int) -> list[Event | Rejecti
             return None
     except _NOT_EXACT:
         return None
-    for event in events:
-        if event.participant is not None or not event.channel:
-            _settled(event)
-    return events  # type: ignore[return-value]  # list is invariant; read-only here
+    return _all_settled(events)
 
 
 def _decode_objects(value: bytes, first: bytes, size: int) -> list[Event | Rejection]:
@@ -432,10 +438,7 @@ def _decode_objects(value: bytes, first: bytes, size: int) -> list[Event | Rejec
         except _Failed:
             pass
         else:
-            for event in events:
-                if event.participant is not None or not event.channel:
-                    _settled(event)
-            return events  # type: ignore[return-value]  # list is invariant; read-only here
+            return _all_settled(events)
         items: list[Event | Rejection] = []
         append = items.append
         for i, obj in enumerate(decoded):
