@@ -225,6 +225,9 @@ class RedisStore:
         # Per partition, the digests of the last look-up's ids: its commit stores those of the
         # ids it counted (hashing each id once per step, not twice).
         self._digests: dict[int, dict[str, bytes]] = {}
+        # Per partition, the keys its last fetch asked for, encoded, with their shards: its
+        # commit writes most of them.
+        self._fields: dict[int, dict[VisitKey, tuple[str, int]]] = {}
         # Per partition, the window buckets past retention its last commit found: its next
         # commit deletes them.
         self._expired: dict[int, list[bytes]] = {}
@@ -309,6 +312,7 @@ class RedisStore:
         self._indexes.pop(partition, None)
         self._digests.pop(partition, None)
         self._scans.pop(partition, None)
+        self._fields.pop(partition, None)
 
     async def visits(self, partition: int, needs: VisitNeeds) -> dict[VisitKey, list[Visit]]:
         # 1. The shards whose bound says they may hold a visit to close (their keys must be
@@ -324,22 +328,26 @@ class RedisStore:
             keys.append(self.key(partition, f"open:{shard}"))
             index[shard] = len(keys)
         plan = [len(index), *index.values()]
+        # Each key once (a step asks for a key per event), encoded once: its commit writes it.
+        fields = self._fields[partition] = {}
         wanted: defaultdict[int, list[str]] = defaultdict(list)
-        for name in {encode_key(k) for k in needs.keys}:
-            wanted[open_shard(name)].append(name)
+        for key in set(needs.keys):
+            name = encode_key(key)
+            fields[key] = name, (shard := open_shard(name))
+            wanted[shard].append(name)
         if not index and not wanted:
             self._scans.pop(partition, None)  # nothing scanned: the commit only lowers bounds
             return {}
-        fields: list[str] = []
+        asked: list[str] = []
         for shard, some in wanted.items():
             i = index.get(shard)
             if i is None:
                 keys.append(self.key(partition, f"open:{shard}"))
                 i = index[shard] = len(keys)
             plan += (i, len(some))
-            fields += some
-        args: list[int | bytes] = [needs.last_before_ms, orjson.dumps(plan), orjson.dumps(fields)]
-        del wanted, fields  # big for big batches: only their JSON waits for the reply
+            asked += some
+        args: list[int | bytes] = [needs.last_before_ms, orjson.dumps(plan), orjson.dumps(asked)]
+        del wanted, asked  # big for big batches: only their JSON waits for the reply
         offset, scans, found = await self._fetch_script(keys=keys, args=args)
         shard_at = {i: shard for shard, i in index.items()}
         scan = Scan(int(offset))
@@ -352,8 +360,10 @@ class RedisStore:
                 seen.returned[field] = due_of(value)
                 if (key := decode_key(field)) not in held:
                     out[key] = decode_visits(value)
-        for j in range(0, len(found), 2):
-            out[decode_key(found[j].decode())] = decode_visits(found[j + 1].decode())
+        if found:
+            key_of = {name: key for key, (name, _) in fields.items()}
+            for j in range(0, len(found), 2):
+                out[key_of[found[j].decode()]] = decode_visits(found[j + 1].decode())
         self._scans[partition] = scan
         return out
 
@@ -386,6 +396,7 @@ class RedisStore:
     async def commit(self, delta: Delta, expected_offset: int, dedup_retention_ms: int) -> bool:
         p = delta.partition
         scan = self._scans.pop(p, None)
+        fields = self._fields.pop(p, {})
         known = self._digests.pop(p, {})
         digests = b"".join([known.get(i) or digest(i) for i in delta.seen])
         del known
@@ -406,7 +417,8 @@ class RedisStore:
         if expired:
             parts.add("expired", expired)
         self._add_sums(parts, delta)
-        writes = redis_visits.write_plan(delta.visits, valid_scan)
+        writes = redis_visits.write_plan(delta.visits, valid_scan, fields)
+        del fields
         if writes.shards:
             visit_keys = [self.key(p, "due"), *(self.key(p, f"open:{s}") for s in writes.shards)]
             steps, strings = orjson.dumps(writes.steps), orjson.dumps(writes.strings)

@@ -177,22 +177,33 @@ class WritePlan:
         self.strings += up
 
 
-def write_plan(changed: Mapping[VisitKey, list[Visit] | None], scan: Scan | None) -> WritePlan:
+def write_plan(
+    changed: Mapping[VisitKey, list[Visit] | None],
+    scan: Scan | None,
+    encoded: Mapping[VisitKey, tuple[str, int]] | None = None,
+) -> WritePlan:
     """The writes of a commit's open visits and the new bounds of their shards.
 
     Args:
         changed: The commit's open visits (``None``: the key has none left).
         scan: The fetch made for this commit, when still valid (its offset is the stored one);
             ``None`` only lowers bounds.
+        encoded: Keys already encoded (by the fetch), with their shards: the others are
+            encoded here.
     """
+    known = encoded or {}
     gone: dict[int, list[str]] = {}
     up: dict[int, list[str]] = {}
     low: dict[int, int] = {}  # per shard, the smallest due time written
     changed_fields = set()
     for visit_key, visits in changed.items():
-        field_ = encode_key(visit_key)
+        named = known.get(visit_key)
+        if named is None:
+            field_ = encode_key(visit_key)
+            shard = open_shard(field_)
+        else:
+            field_, shard = named
         changed_fields.add(field_)
-        shard = open_shard(field_)
         if visits is None:
             fields = gone.get(shard)
             if fields is None:

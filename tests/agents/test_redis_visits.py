@@ -88,6 +88,17 @@ def test_writes_lower_their_shards_bound_and_deletes_alone_leave_it(few_shards: 
     assert plan.strings.count(encode_key(c)) == 1
 
 
+def test_keys_encoded_by_the_fetch_give_the_same_plan(few_shards: None) -> None:
+    changed = {key_in(0): one(500), key_in(0, 1): None, key_in(1): one(300), key_in(1, 1): one(9)}
+    fetched = {k: (encode_key(k), open_shard(encode_key(k))) for k in list(changed)[:2]}
+    plain, reused = write_plan(changed, scan=None), write_plan(changed, None, fetched)
+    assert (reused.shards, reused.steps, reused.strings) == (
+        plain.shards,
+        plain.steps,
+        plain.strings,
+    )
+
+
 @pytest.mark.parametrize(
     ("kept_low", "returned", "changed", "bound"),
     [
@@ -315,7 +326,7 @@ async def run(store: Store, batches: list[list[Record]], keep: int) -> list[tupl
         delta = state.apply(decoded, seen, now)
         await store.add_uniques(delta.uniques)
         assert await store.commit(delta, expected, 86_400_000)
-        state.evict_visits(keep, delta.visits)
+        state.evict_visits(keep)
         snap = await store.read()
         counters = {c: dict(v) for c, v in snap.counters.items()}
         seen_totals.append((counters, snap.open_visits, dict(snap.pipeline)))
