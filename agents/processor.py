@@ -264,7 +264,7 @@ class BatchProcessor:
                 await self.store.add_uniques(delta.uniques)
                 if await self.store.commit(delta, expected, self.dedup_retention_ms):
                     # They are in the store; the recently active ones stay, bounded.
-                    state.evict_visits(self.visit_cache)
+                    state.evict_visits(self.visit_cache, delta.visits)
                     self.metrics.flush_seconds.observe(time.perf_counter() - started)
                     return
                 self.metrics.fence_lost.inc()

@@ -256,15 +256,26 @@ class PartitionState:
         tracker = self.visits
         tracker.load_many((key, found) for key, found in visits.items() if key not in tracker)
 
-    def evict_visits(self, keep: int = 0) -> None:
-        """Forget open visits held in memory, the least recently changed first, so that at most
-        ``keep`` stay.
+    def evict_visits(self, keep: int = 0, recent: Iterable[VisitKey] = ()) -> None:
+        """Forget open visits held in memory, so that at most ``keep`` stay.
 
         Call after a commit: then every visit held is exactly the store's, and the next steps
-        need not fetch them again (a visitor's events mostly come in several batches, seconds
-        apart). Memory stays bounded whatever the open visits; the active ones stay.
+        need not fetch them again (a visitor's events mostly come in several batches). Beyond
+        ``keep``, only the visits of ``recent`` keys (those the last step changed) stay, up to
+        half of ``keep``: memory stays bounded whatever the open visits, the active ones stay.
         """
-        self.visits.evict(keep)
+        held = self.visits
+        if len(held) <= keep:
+            return
+        self.visits = kept = VisitTracker(self.limits.gap_ms)
+        room = keep // 2
+        staying = []
+        for key in recent:
+            visits = held.get(key)
+            if visits and len(visits) <= room:
+                staying.append((key, visits))
+                room -= len(visits)
+        kept.load_many(staying)
 
     def apply(self, decoded: Sequence[Decoded], seen: set[str], now_s: float) -> Delta:
         """Apply a batch of this partition's records.

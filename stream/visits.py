@@ -254,40 +254,7 @@ class VisitTracker:
         heapq.heapify(self._deadlines)
 
     def take_dirty(self) -> dict[VisitKey, list[Visit] | None]:
-        """The keys changed since the last call, with their open visits (``None``: none left).
-
-        The keys still open move to the end of the held ones: keys are held in the order they
-        last changed, the least recently changed first (see :meth:`evict`).
-        """
-        opened = self._open
-        changed = {}
-        for key in self.dirty:
-            visits = changed[key] = opened.pop(key, None)
-            if visits is not None:
-                opened[key] = visits
+        """The keys changed since the last call, with their open visits (``None``: none left)."""
+        changed = {key: self._open.get(key) for key in self.dirty}
         self.dirty = set()
         return changed
-
-    def evict(self, keep: int) -> None:
-        """Forget the visits of the least recently changed keys, so that at most ``keep`` stay
-        held (they stay open: the caller's store holds them, see :mod:`stream.partition`)."""
-        if self.dirty:  # they would be lost: the store has not got them yet
-            raise RuntimeError("evict() before take_dirty(): changed visits not taken")
-        if self._count <= keep:
-            return
-        # Down to three quarters: evicting is a pass over the held keys, not one per step.
-        excess = self._count - keep * 3 // 4
-        if keep <= 0:
-            self._open, self._deadlines, self._count = {}, [], 0
-            return
-        opened = self._open
-        gone = []
-        for key, visits in opened.items():  # least recently changed first
-            if excess <= 0:
-                break
-            gone.append(key)
-            excess -= len(visits)
-        for key in gone:
-            self._count -= len(opened.pop(key))
-        # Their deadlines stay in the heap, stale: close_until skips them, and compacts the heap
-        # once they are many.

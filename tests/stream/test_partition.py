@@ -629,7 +629,7 @@ async def run_working_set(
         delta = state.apply(decoded, seen, SPLIT_NOW_S)
         await store.add_uniques(delta.uniques)
         assert await store.commit(delta, expected, 86_400_000)
-        state.evict_visits(keep)
+        state.evict_visits(keep, delta.visits)
     idle = state.idle_needs(SPLIT_NOW_S + 3600)
     if idle is not None:
         state.load_visits(await store.visits(0, idle))
@@ -644,7 +644,7 @@ async def run_working_set(
 def test_working_set_equals_everything_in_memory(
     records: list[Record], data: st.DataObject, partitions: int, keep: int
 ) -> None:
-    # Evicting visits after a commit (beyond ``keep``, the least recently changed) and fetching
+    # Evicting visits after a commit (beyond ``keep``, all but the last step's) and fetching
     # only the ones a step touches or may close, and does not hold, gives exactly the KPIs of
     # keeping every open visit in memory.
     cuts = data.draw(st.sets(st.integers(1, max(1, len(records) - 1))), label="cuts")

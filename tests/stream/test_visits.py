@@ -234,37 +234,6 @@ def test_take_dirty_reports_changes_once() -> None:
     assert tracker.take_dirty() == {("c", "a"): None, ("c", "b"): None}  # none left
 
 
-def test_evict_forgets_the_least_recently_changed_keys_first() -> None:
-    tracker = VisitTracker(GAP)
-    tracker.load_many([(("c", k), [Visit(0, 0, 1, 0, 1)]) for k in "abcdefgh"])
-    tracker.add("c", "b", 10, IA)  # b and a change, in that order: they are the most recent
-    tracker.add("c", "a", 10, IA)
-    tracker.take_dirty()
-    tracker.evict(8)  # at most 8 held: nothing to do
-    assert len(tracker) == 8
-    tracker.evict(4)  # over: down to three quarters, the oldest first (c, d, e, f, g)
-    assert sorted(tracker.keys()) == [("c", "a"), ("c", "b"), ("c", "h")]
-    assert len(tracker) == 3
-    assert [v.pack() for v in tracker.get(("c", "a")) or []] == [[0, 10, 1, 1, 2]]
-    # The forgotten keys' deadlines are stale: closing finds only the held visits.
-    assert sorted(c.visit.pack() for c in tracker.close_until(NEVER)) == [
-        [0, 0, 1, 0, 1],
-        [0, 10, 1, 1, 2],
-        [0, 10, 1, 1, 2],
-    ]
-    assert len(tracker) == 0
-
-
-def test_evict_refuses_changes_not_taken_and_zero_forgets_all() -> None:
-    tracker = tracker_with([(0, PV)], key="a")
-    with pytest.raises(RuntimeError):
-        tracker.evict(0)  # the change would never reach the store
-    tracker.take_dirty()
-    tracker.evict(0)
-    assert len(tracker) == 0 and list(tracker.keys()) == []
-    assert tracker.close_until(NEVER) == []
-
-
 def test_stale_deadlines_are_compacted_without_losing_visits() -> None:
     tracker = VisitTracker(GAP)
     for ts in range(0, 5000 * 10, 10):  # one long visit, extended 5000 times
