@@ -252,19 +252,20 @@ class Worker:
                 time.sleep(0.1)
         raise TimeoutError(f"worker not listening on {self.port}")
 
-    def processed(self) -> float:
+    def exposition(self) -> str:
+        """``/metrics`` as text; empty while the worker does not answer."""
         try:
-            return _sample(self.scrape(), "kpi_events_processed_total")
+            return self.scrape()
         except OSError:
-            return -1
+            return ""
+
+    def processed(self) -> float:
+        return _sample(self.exposition(), "kpi_events_processed_total")
 
     def owned(self) -> int:
         """Partitions this worker reports a consumer lag for: the ones assigned to it."""
-        try:
-            text = self.scrape()
-        except OSError:
-            return 0
-        return sum(1 for line in text.splitlines() if line.startswith("kpi_consumer_lag{"))
+        lines = self.exposition().splitlines()
+        return sum(1 for line in lines if line.startswith("kpi_consumer_lag{"))
 
     def rss_bytes(self) -> int:
         assert self.proc is not None
@@ -294,10 +295,7 @@ class Worker:
         first = at_first = idle = 0.0
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, "worker died"
-            try:
-                text = self.scrape()
-            except OSError:
-                text = ""
+            text = self.exposition()
             now = time.perf_counter()
             value = _sample(text, "kpi_events_processed_total")
             if not first and (value > 0 or "kpi_consumer_lag{" in text):

@@ -328,10 +328,10 @@ class RedisStore:
             keys.append(self.key(partition, f"open:{shard}"))
             index[shard] = len(keys)
         plan = [len(index), *index.values()]
-        # Each key once (a step asks for a key per event), encoded once: its commit writes it.
+        # Each key encoded once, here: its commit writes most of them (see _fields).
         fields = self._fields[partition] = {}
         wanted: defaultdict[int, list[str]] = defaultdict(list)
-        for key in set(needs.keys):
+        for key in needs.keys:
             name = encode_key(key)
             fields[key] = name, (shard := open_shard(name))
             wanted[shard].append(name)

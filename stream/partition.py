@@ -143,9 +143,10 @@ def candidate_ids(decoded: Sequence[Decoded]) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class VisitNeeds:
-    """The open visits a step needs from the store: those of ``keys``, and every visit whose
-    last event time is before ``last_before_ms`` (it may close in this step), but those of
-    ``held`` (the step has them: the store need not return them, and they are not loaded)."""
+    """The open visits a step needs from the store: those of ``keys`` (each key once), and every
+    visit whose last event time is before ``last_before_ms`` (it may close in this step), but
+    those of ``held`` (the step has them: the store need not return them, and they are not
+    loaded)."""
 
     keys: list[VisitKey]
     last_before_ms: int
@@ -217,7 +218,7 @@ class PartitionState:
         """
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         bound = self.watermark.watermark_ms
-        keys = []
+        keys: dict[VisitKey, None] = {}  # each key once, though met once per event
         held = self.visits.keys()  # held visits are the store's, as of the last commit
         homes = self._homes
         unknown: dict[str, None] = {}  # in order of arrival (the memo forgets the oldest first)
@@ -228,14 +229,14 @@ class PartitionState:
                 if not isinstance(item, Rejection) and item.ts_ms <= future_limit_ms:
                     key = (item.campaign_id, item.visitor_id)
                     if key not in held:
-                        keys.append(key)
+                        keys[key] = None
                     if item.visitor_id not in homes:  # held or not: the memo may have dropped it
                         unknown[item.visitor_id] = None
                     if item.ts_ms > bound:
                         bound = item.ts_ms
         if unknown:
             self._learn_homes(list(unknown))
-        return VisitNeeds(keys, bound - self.limits.gap_ms, held)
+        return VisitNeeds(list(keys), bound - self.limits.gap_ms, held)
 
     def _learn_homes(self, visitors: list[str]) -> None:
         homes = self._homes
