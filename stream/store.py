@@ -14,6 +14,7 @@ this one. Both follow the same rules:
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -107,7 +108,7 @@ class MemoryStore:
 
     async def load(self, partition: int) -> PartitionSnapshot:
         stored = self.partitions.get(partition, PartitionSnapshot())
-        visits = {k: [replace(v) for v in vs] for k, vs in stored.visits.items()}
+        visits = {k: [copy.copy(v) for v in vs] for k, vs in stored.visits.items()}
         open_visits = self.open_visits.get(partition, 0)
         return PartitionSnapshot(stored.offset, replace(stored.watermark), visits, open_visits)
 
@@ -115,7 +116,7 @@ class MemoryStore:
         stored = self.partitions.get(partition, PartitionSnapshot()).visits
         wanted = set(needs.keys)
         return {
-            key: [replace(v) for v in visits]
+            key: [copy.copy(v) for v in visits]
             for key, visits in stored.items()
             if key in wanted or min(v.last_ms for v in visits) < needs.last_before_ms
         }
@@ -142,7 +143,7 @@ class MemoryStore:
             if visits is None:
                 stored.visits.pop(key, None)
             else:
-                stored.visits[key] = [replace(v) for v in visits]
+                stored.visits[key] = [copy.copy(v) for v in visits]
         self.counters.setdefault(p, Counter()).update(delta.counters)
         self.pipeline.setdefault(p, Counter()).update(delta.pipeline)
         windows = self.windows.setdefault(p, Counter())

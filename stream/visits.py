@@ -12,15 +12,21 @@ import heapq
 from collections.abc import Iterable, KeysView
 from dataclasses import dataclass
 
+import msgspec
+
 from stream.events import EventType
 
 VisitKey = tuple[str, str]
 """``(campaign_id, visitor_id)``."""
 
 
-@dataclass(slots=True)
-class Visit:
-    """An open or closed visit: its time span and what happened in it."""
+class Visit(msgspec.Struct, gc=False):
+    """An open or closed visit: its time span and what happened in it.
+
+    Never tracked by the garbage collector (``gc=False``: its fields are ints, it cannot be part
+    of a cycle): a worker holds many, and each one tracked was walked by every young collection
+    while it lived (one held for a step or two was walked once or twice).
+    """
 
     first_ms: int
     last_ms: int
