@@ -49,8 +49,11 @@ class Settings(BaseSettings):
     )
     web_host: str = Field("127.0.0.1", description="Address of the /metrics web server")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the /metrics web server")
+    # 0 by default: on live traffic a visitor's next event comes several steps later, past what
+    # a cache of a few thousand holds, and holding them cost more than the fetches it saved
+    # (docs/performance.md, tenth round); a backlog replay fetches ~5 % less with 10,000.
     visit_cache: int = Field(
-        10_000,
+        0,
         ge=0,
         description="Open visits a worker keeps in memory per partition between batches "
         "(the store holds them all; 0: fetch every batch's visits)",

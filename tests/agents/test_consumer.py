@@ -121,9 +121,9 @@ def batches(seed: int) -> list[list[Record]]:
     return [records[a:b] for a, b in zip([0, *cuts], [*cuts, 120], strict=True)]
 
 
-async def run(seed: int, concurrent: bool) -> Any:
+async def run(seed: int, concurrent: bool, visit_cache: int) -> Any:
     store = SlowStore(seed)
-    settings = Settings(identity_key="k", session_gap_seconds=300)
+    settings = Settings(identity_key="k", session_gap_seconds=300, visit_cache=visit_cache)
     processor = BatchProcessor(
         store, NoPublish(), settings, 1, WorkerMetrics(CollectorRegistry()), clock=lambda: 2e9
     )
@@ -135,9 +135,12 @@ async def run(seed: int, concurrent: bool) -> Any:
     return await store.read(), store.partitions[0].offset
 
 
+@pytest.mark.parametrize("visit_cache", [0, 10_000])  # visits fetched each step, or held over
 @pytest.mark.parametrize("seed", range(5))
-async def test_batches_in_flight_together_give_the_sequential_result(seed: int) -> None:
-    sequential = await run(seed, concurrent=False)
-    concurrent = await run(seed, concurrent=True)
+async def test_batches_in_flight_together_give_the_sequential_result(
+    seed: int, visit_cache: int
+) -> None:
+    sequential = await run(seed, concurrent=False, visit_cache=visit_cache)
+    concurrent = await run(seed, concurrent=True, visit_cache=visit_cache)
     assert concurrent == sequential
     assert sequential[1] == 119
