@@ -330,22 +330,23 @@ class RedisStore:
         plan = [len(index), *index.values()]
         # Each key encoded once, here: its commit writes most of them (see _fields).
         fields = self._fields[partition] = {}
-        wanted: defaultdict[int, list[str]] = defaultdict(list)
+        wanted: defaultdict[int, list[VisitKey]] = defaultdict(list)
         for key in needs.keys:
             name = encode_key(key)
             fields[key] = name, (shard := open_shard(name))
-            wanted[shard].append(name)
+            wanted[shard].append(key)
         if not index and not wanted:
             self._scans.pop(partition, None)  # nothing scanned: the commit only lowers bounds
             return {}
-        asked: list[str] = []
+        order: list[VisitKey] = []  # the keys asked, shard by shard: the reply's order
         for shard, some in wanted.items():
             i = index.get(shard)
             if i is None:
                 keys.append(self.key(partition, f"open:{shard}"))
                 i = index[shard] = len(keys)
             plan += (i, len(some))
-            asked += some
+            order += some
+        asked = [fields[key][0] for key in order]
         args: list[int | bytes] = [needs.last_before_ms, orjson.dumps(plan), orjson.dumps(asked)]
         del wanted, asked  # big for big batches: only their JSON waits for the reply
         offset, scans, found = await self._fetch_script(keys=keys, args=args)
@@ -360,10 +361,9 @@ class RedisStore:
                 seen.returned[field] = due_of(value)
                 if (key := decode_key(field)) not in held:
                     out[key] = decode_visits(value)
-        if found:
-            key_of = {name: key for key, (name, _) in fields.items()}
-            for j in range(0, len(found), 2):
-                out[key_of[found[j].decode()]] = decode_visits(found[j + 1].decode())
+        for key, value in zip(order, found, strict=True):
+            if value is not None:
+                out[key] = decode_visits(value.decode())
         self._scans[partition] = scan
         return out
 

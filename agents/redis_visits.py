@@ -37,7 +37,7 @@ OPEN_SHARDS: Final = 4096
 # indices of the n shards to scan, then per shard asked: key index, count`` and ARGV[3] the fields
 # asked, shard by shard (JSON). Returns the applied offset; per scanned shard its key index, the
 # smallest due time of the entries it keeps (-1: none) and the entries due before the bound
-# (field, value, ...); then the entries asked for that were found (field, value, ...).
+# (field, value, ...); then per field asked, in order, its value (nil: none, or returned above).
 FETCH_LUA: Final = """
 local bound = tonumber(ARGV[1])
 local plan, asked = cjson.decode(ARGV[2]), cjson.decode(ARGV[3])
@@ -60,18 +60,14 @@ for i = 2, 1 + plan[1] do
   end
   scans[#scans + 1] = {k, low, due_entries}
 end
-local found, at = {}, 1
+local found, at = {}, 1  -- one value (or false) per field asked
 for i = 2 + plan[1], #plan, 2 do
   local last = at + plan[i + 1] - 1
   for first = at, last, 1000 do  -- a shard's fields in one call (unpack is chunked)
     local upto = math.min(first + 999, last)
     local values = redis.call('HMGET', KEYS[plan[i]], unpack(asked, first, upto))
     for j = first, upto do
-      local f, v = asked[j], values[j - first + 1]
-      if v and not taken[f] then
-        found[#found + 1] = f
-        found[#found + 1] = v
-      end
+      found[j] = (not taken[asked[j]]) and values[j - first + 1] or false
     end
   end
   at = last + 1

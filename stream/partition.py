@@ -270,6 +270,8 @@ class PartitionState:
             return
         self.visits = kept = VisitTracker(self.limits.gap_ms)
         room = keep // 2
+        if not room:
+            return
         staying = []
         for key in recent:
             visits = held.get(key)
