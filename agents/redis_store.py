@@ -231,10 +231,20 @@ class RedisStore:
         # Per partition, the window buckets past retention its last commit found: its next
         # commit deletes them.
         self._expired: dict[int, list[bytes]] = {}
+        self._open_keys: dict[int, list[str]] = {}  # see open_keys
 
     def key(self, partition: int, name: str) -> str:
         """A key of one partition's state."""
         return f"{self.prefix}:{{p{partition}}}:{name}"
+
+    def open_keys(self, partition: int) -> list[str]:
+        """The names of a partition's open-visit hashes, by shard (made once: a step names
+        nearly one per visit it fetches or writes)."""
+        names = self._open_keys.get(partition)
+        if names is None:
+            names = [self.key(partition, f"open:{s}") for s in range(redis_visits.OPEN_SHARDS)]
+            self._open_keys[partition] = names
+        return names
 
     def unique_key(self, campaign: str, kind: str, bucket_ms: int, start_ms: int) -> str:
         """The HyperLogLog of one campaign's bucket."""
@@ -323,9 +333,10 @@ class RedisStore:
         # 2. One script: those shards' due entries, and the entries of the keys asked for.
         keys = [self.key(partition, "meta")]
         index: dict[int, int] = {}
+        open_keys = self.open_keys(partition)
         for s in due:
             shard = int(_text(s))
-            keys.append(self.key(partition, f"open:{shard}"))
+            keys.append(open_keys[shard])
             index[shard] = len(keys)
         plan = [len(index), *index.values()]
         # Each key encoded once, here: its commit writes most of them (see _fields).
@@ -342,7 +353,7 @@ class RedisStore:
         for shard, some in wanted.items():
             i = index.get(shard)
             if i is None:
-                keys.append(self.key(partition, f"open:{shard}"))
+                keys.append(open_keys[shard])
                 i = index[shard] = len(keys)
             plan += (i, len(some))
             order += some
@@ -420,7 +431,8 @@ class RedisStore:
         writes = redis_visits.write_plan(delta.visits, valid_scan, fields)
         del fields
         if writes.shards:
-            visit_keys = [self.key(p, "due"), *(self.key(p, f"open:{s}") for s in writes.shards)]
+            open_keys = self.open_keys(p)
+            visit_keys = [self.key(p, "due"), *[open_keys[s] for s in writes.shards]]
             steps, strings = orjson.dumps(writes.steps), orjson.dumps(writes.strings)
             parts.add("visits", visit_keys, steps, strings)
         self._add_dedup(parts, p, roll, digests)

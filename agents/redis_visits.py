@@ -191,7 +191,6 @@ def write_plan(
     gone: dict[int, list[str]] = {}
     up: dict[int, list[str]] = {}
     low: dict[int, int] = {}  # per shard, the smallest due time written
-    changed_fields = set()
     for visit_key, visits in changed.items():
         named = known.get(visit_key)
         if named is None:
@@ -199,7 +198,6 @@ def write_plan(
             shard = open_shard(field_)
         else:
             field_, shard = named
-        changed_fields.add(field_)
         if visits is None:
             fields = gone.get(shard)
             if fields is None:
@@ -207,26 +205,37 @@ def write_plan(
             else:
                 fields.append(field_)
             continue
+        due = visits[0].last_ms if len(visits) == 1 else min(v.last_ms for v in visits)
         pairs = up.get(shard)
-        if pairs is None:
+        if pairs is None:  # nearly always: a step writes a few keys of each of 4,096 shards
             up[shard] = [field_, encode_visits(visits)]
+            low[shard] = due
         else:
             pairs += (field_, encode_visits(visits))
-        due = visits[0].last_ms if len(visits) == 1 else min(v.last_ms for v in visits)
-        if due < low.get(shard, due + 1):
-            low[shard] = due
+            if due < low[shard]:
+                low[shard] = due
     plan = WritePlan()
     scanned = scan.shards if scan is not None else {}
     for shard, seen in scanned.items():
-        lows = [due for f, due in seen.returned.items() if f not in changed_fields]
+        deletes, upserts = gone.pop(shard, []), up.pop(shard, [])
+        rewritten = {*deletes, *upserts[::2]}  # a returned field changed can only be here
+        lows = [due for f, due in seen.returned.items() if f not in rewritten]
         if seen.kept_low_ms is not None:
             lows.append(seen.kept_low_ms)
         if shard in low:
             lows.append(low[shard])
         op, due = (SET, min(lows)) if lows else (REMOVE, 0)
-        plan.add(shard, op, due, gone.pop(shard, []), up.pop(shard, []))
-    for shard, pairs in up.items():
-        plan.add(shard, LOWER, low[shard], gone.pop(shard, []), pairs)
+        plan.add(shard, op, due, deletes, upserts)
+    shards, steps, strings = plan.shards, plan.steps, plan.strings
+    for shard, pairs in up.items():  # plan.add's work, inline: once per key written, nearly
+        shards.append(shard)
+        if shard not in gone:
+            steps += (len(shards) + 1, shard, LOWER, low[shard], 0, len(pairs) // 2)
+        else:
+            deletes = gone.pop(shard)
+            steps += (len(shards) + 1, shard, LOWER, low[shard], len(deletes), len(pairs) // 2)
+            strings += deletes
+        strings += pairs
     for shard, fields in gone.items():
         plan.add(shard, KEEP, 0, fields, [])  # deletes alone: a bound may stay low
     return plan
