@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the /metrics web server")
     # 0 by default: on live traffic a visitor's next event comes several steps later, past what
     # a cache of a few thousand holds, and holding them cost more than the fetches it saved
-    # (docs/performance.md, tenth round); a backlog replay fetches ~5 % less with 10,000.
+    # (docs/performance.md, tenth round); a backlog replay ran ~5 % faster with 10,000.
     visit_cache: int = Field(
         0,
         ge=0,

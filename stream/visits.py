@@ -24,8 +24,8 @@ class Visit(msgspec.Struct, gc=False):
     """An open or closed visit: its time span and what happened in it.
 
     Never tracked by the garbage collector (``gc=False``: its fields are ints, it cannot be part
-    of a cycle): a worker holds many, and each one tracked was walked by every young collection
-    while it lived (one held for a step or two was walked once or twice).
+    of a cycle): a step loads thousands, and the collector would walk each one still alive at
+    each young collection.
     """
 
     first_ms: int
