@@ -226,16 +226,8 @@ def write_plan(
             lows.append(low[shard])
         op, due = (SET, min(lows)) if lows else (REMOVE, 0)
         plan.add(shard, op, due, deletes, upserts)
-    shards, steps, strings = plan.shards, plan.steps, plan.strings
-    for shard, pairs in up.items():  # plan.add's work, inline: once per key written, nearly
-        shards.append(shard)
-        if shard not in gone:
-            steps += (len(shards) + 1, shard, LOWER, low[shard], 0, len(pairs) // 2)
-        else:
-            deletes = gone.pop(shard)
-            steps += (len(shards) + 1, shard, LOWER, low[shard], len(deletes), len(pairs) // 2)
-            strings += deletes
-        strings += pairs
+    for shard, pairs in up.items():
+        plan.add(shard, LOWER, low[shard], gone.pop(shard, []), pairs)
     for shard, fields in gone.items():
         plan.add(shard, KEEP, 0, fields, [])  # deletes alone: a bound may stay low
     return plan

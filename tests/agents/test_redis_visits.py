@@ -326,7 +326,7 @@ async def run(store: Store, batches: list[list[Record]], keep: int) -> list[tupl
         delta = state.apply(decoded, seen, now)
         await store.add_uniques(delta.uniques)
         assert await store.commit(delta, expected, 86_400_000)
-        state.evict_visits(keep)
+        state.evict_visits(keep, delta.visits)
         snap = await store.read()
         counters = {c: dict(v) for c, v in snap.counters.items()}
         seen_totals.append((counters, snap.open_visits, dict(snap.pipeline)))
