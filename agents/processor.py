@@ -48,7 +48,6 @@ from stream.partition import (
     Limits,
     PartitionState,
     Record,
-    candidate_ids,
     decode,
 )
 from stream.store import Store
@@ -231,7 +230,6 @@ class BatchProcessor:
 
     async def _until_durable(self, partition: int, decoded: Sequence[Decoded] | None) -> None:
         """Apply ``decoded`` (or, for ``None``, an idle advance) until it is durable."""
-        ids = candidate_ids(decoded) if decoded else []
         backoff_s = 0.1
         while True:
             started = time.perf_counter()
@@ -246,7 +244,7 @@ class BatchProcessor:
                     return  # idle, and the watermark would not move
                 # Only the open visits this step touches or may close come into memory.
                 seen, visits = await asyncio.gather(
-                    self.store.seen(partition, ids), self.store.visits(partition, needs)
+                    self.store.seen(partition, needs.ids), self.store.visits(partition, needs)
                 )
                 state.load_visits(visits)
                 try:

@@ -56,9 +56,16 @@ end
 """
 
 
+# A BLAKE2b-128 state with nothing hashed yet: copying it costs ~100 ns less than making one
+# (the constructor parses its keyword arguments and sets the parameter block up each time).
+_BLAKE2B_128: Final = hashlib.blake2b(digest_size=DIGEST_BYTES)
+
+
 def digest(event_id: str) -> bytes:
     """The 16 bytes stored for a counted ``event_id`` (BLAKE2b-128 of its UTF-8)."""
-    return hashlib.blake2b(event_id.encode(), digest_size=DIGEST_BYTES).digest()
+    h = _BLAKE2B_128.copy()
+    h.update(event_id.encode())
+    return h.digest()
 
 
 @dataclass(slots=True)

@@ -222,9 +222,9 @@ class RedisStore:
         # and the last fetch's view of the due shards for the next commit (agents.redis_visits).
         self._indexes: dict[int, DigestIndex] = {}
         self._scans: dict[int, Scan] = {}
-        # Per partition, the digests of the last look-up's ids: its commit stores those of the
-        # ids it counted (hashing each id once per step, not twice).
-        self._digests: dict[int, dict[str, bytes]] = {}
+        # Per partition, the last look-up's ids and their digests: its commit stores those of
+        # the ids it counted (hashing each id once per step, not twice).
+        self._digests: dict[int, tuple[Sequence[str], list[bytes]]] = {}
         # Per partition, the keys its last fetch asked for, encoded, with their shards: its
         # commit writes most of them.
         self._fields: dict[int, dict[VisitKey, tuple[str, int]]] = {}
@@ -383,7 +383,7 @@ class RedisStore:
             return set()
         index = await self._index(partition)
         each = [digest(i) for i in event_ids]
-        self._digests[partition] = dict(zip(event_ids, each, strict=True))
+        self._digests[partition] = event_ids, each
         found = index.contains(b"".join(each))
         return {event_ids[i] for i in np.flatnonzero(found).tolist()}
 
@@ -408,9 +408,7 @@ class RedisStore:
         p = delta.partition
         scan = self._scans.pop(p, None)
         fields = self._fields.pop(p, {})
-        known = self._digests.pop(p, {})
-        digests = b"".join([known.get(i) or digest(i) for i in delta.seen])
-        del known
+        digests = self._counted_digests(p, delta.seen)
         expired = self._expired.pop(p, [])
         index = await self._index(p)
         assumed = index.text
@@ -451,6 +449,17 @@ class RedisStore:
         self._revs[p] = int(rev)
         index.committed(roll, digests)
         return True
+
+    def _counted_digests(self, p: int, counted: list[str]) -> bytes:
+        """The digests of a step's ``counted`` ids, end to end (in any order), from the step's
+        look-up (:meth:`seen`, which the commit follows)."""
+        asked, each = self._digests.pop(p, ((), []))
+        if len(counted) == len(asked):
+            # Every id looked up was counted (the common case: no duplicate, nothing to forward):
+            # counted ids are distinct and among those asked, so they are the same ids.
+            return b"".join(each)
+        known = dict(zip(asked, each, strict=True))
+        return b"".join([known.get(i) or digest(i) for i in counted])
 
     def _add_sums(self, parts: _Parts, delta: Delta) -> None:
         """The part of the counters, pipeline totals and window sums (see ``apply`` in

@@ -2,8 +2,9 @@
 
 The worker processes a batch in two steps around one store look-up:
 
-1. :func:`decode` turns records into events and rejections, and :func:`candidate_ids` lists the
-   event ids whose "already counted?" answer the store must give;
+1. :func:`decode` turns records into events and rejections, and
+   :meth:`PartitionState.visit_needs` lists the open visits the step needs from the store and the
+   event ids whose "already counted?" answer it must give;
 2. :meth:`PartitionState.apply` runs the batch through dedup, lateness, visits and windows, and
    returns a :class:`Delta`: everything the store must apply atomically with the new offset.
 
@@ -146,11 +147,14 @@ class VisitNeeds:
     """The open visits a step needs from the store: those of ``keys`` (each key once), and every
     visit whose last event time is before ``last_before_ms`` (it may close in this step), but
     those of ``held`` (the step has them: the store need not return them, and they are not
-    loaded)."""
+    loaded). ``ids``: the event ids whose "already counted?" answer the step needs (those
+    :meth:`PartitionState.apply` may count: :func:`candidate_ids` less the records already
+    applied and the events too far in the future)."""
 
     keys: list[VisitKey]
     last_before_ms: int
     held: Container[VisitKey] = ()
+    ids: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +215,8 @@ class PartitionState:
         self._lateness_ms = limits.lateness_ms
 
     def visit_needs(self, decoded: Sequence[Decoded], now_s: float) -> VisitNeeds:
-        """The open visits :meth:`apply` may touch or close for this batch.
+        """The open visits :meth:`apply` may touch or close for this batch, and the ids it may
+        count (one pass over the batch for both).
 
         Also finds the partition of the batch's visitors not met before, all at once (see
         :func:`stream.partitioner.partitions_for`): :meth:`apply` then only looks them up.
@@ -222,11 +227,13 @@ class PartitionState:
         held = self.visits.keys()  # held visits are the store's, as of the last commit
         homes = self._homes
         unknown: dict[str, None] = {}  # in order of arrival (the memo forgets the oldest first)
+        ids: list[str] = []
         for d in decoded:
             if d.record.offset <= self.offset:
                 continue
             for item in d.items:
                 if not isinstance(item, Rejection) and item.ts_ms <= future_limit_ms:
+                    ids.append(item.event_id)
                     key = (item.campaign_id, item.visitor_id)
                     if key not in held:
                         keys[key] = None
@@ -236,7 +243,7 @@ class PartitionState:
                         bound = item.ts_ms
         if unknown:
             self._learn_homes(list(unknown))
-        return VisitNeeds(list(keys), bound - self.limits.gap_ms, held)
+        return VisitNeeds(list(keys), bound - self.limits.gap_ms, held, ids)
 
     def _learn_homes(self, visitors: list[str]) -> None:
         homes = self._homes
