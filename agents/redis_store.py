@@ -55,11 +55,11 @@ from redis.asyncio import Redis
 from agents import redis_dedup, redis_visits
 from agents.redis_dedup import DigestIndex, digest, parse_generations
 from agents.redis_read import SEP, SnapshotReader
-from agents.redis_visits import Scan, ScannedShard, due_of, open_shard
+from agents.redis_visits import Scan, ScannedShard, open_shard
 from stream.kpis import KpiSnapshot
 from stream.partition import UNIQUE_MARK, Delta, VisitNeeds
 from stream.store import PartitionSnapshot, UniqueAdds
-from stream.visits import Visit, VisitKey, decode_key, decode_visits, encode_key
+from stream.visits import Visit, VisitKey, decode_key, decode_many, encode_key
 from stream.watermark import Watermark
 from stream.windows import RETENTION_MS
 
@@ -363,18 +363,26 @@ class RedisStore:
         offset, scans, found = await self._fetch_script(keys=keys, args=args)
         shard_at = {i: shard for shard, i in index.items()}
         scan = Scan(int(offset))
-        out: dict[VisitKey, list[Visit]] = {}
-        held = needs.held
+        # The values, all decoded together (decode_many): the due entries', then those asked.
+        returned: list[bytes] = []
+        values: list[bytes] = []
+        at: list[ScannedShard] = []
         for i, low, entries in scans:
             seen = scan.shards[shard_at[i]] = ScannedShard(None if low < 0 else low)
-            for j in range(0, len(entries), 2):
-                field, value = entries[j].decode(), entries[j + 1].decode()
-                seen.returned[field] = due_of(value)
-                if (key := decode_key(field)) not in held:
-                    out[key] = decode_visits(value)
-        for key, value in zip(order, found, strict=True):
-            if value is not None:
-                out[key] = decode_visits(value.decode())
+            returned += entries[::2]
+            values += entries[1::2]
+            at += [seen] * (len(entries) // 2)
+        present = [key for key, value in zip(order, found, strict=True) if value is not None]
+        values += [value for value in found if value is not None]
+        decoded = decode_many(values)
+        out: dict[VisitKey, list[Visit]] = {}
+        held = needs.held
+        for raw, visits, seen in zip(returned, decoded[: len(returned)], at, strict=True):
+            field_ = raw.decode()
+            seen.returned[field_] = visits[0].last_ms  # the text's first: its due time
+            if (key := decode_key(field_)) not in held:
+                out[key] = visits
+        out.update(zip(present, decoded[len(returned) :], strict=True))
         self._scans[partition] = scan
         return out
 

@@ -119,12 +119,6 @@ def open_shard(field_: str) -> int:
     return zlib.crc32(field_.encode()) & (OPEN_SHARDS - 1)
 
 
-def due_of(value: str) -> int:
-    """The due time at the front of a stored value (see :func:`stream.visits.encode_visits`)."""
-    end = value.find(",")
-    return int(value[:end] if end >= 0 else value)
-
-
 @dataclass(slots=True)
 class ScannedShard:
     """What a fetch saw of one due shard.

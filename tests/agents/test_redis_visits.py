@@ -27,7 +27,6 @@ from agents.redis_visits import (
     SET,
     Scan,
     ScannedShard,
-    due_of,
     open_shard,
     write_plan,
 )
@@ -41,7 +40,7 @@ from stream.partition import (
     decode,
 )
 from stream.store import MemoryStore, Store
-from stream.visits import Visit, VisitKey, encode_key, encode_visits
+from stream.visits import Visit, VisitKey, encode_key
 from stream.watermark import Watermark
 
 SHARDS = 4  # few shards: many visits per shard, as at scale
@@ -125,12 +124,6 @@ def test_a_scanned_shards_bound(
     )
     delta = {keys[f]: (None if d is None else one(d)) for f, d in changed.items()}
     assert steps(write_plan(delta, scan))[0] == bound
-
-
-def test_due_of_reads_the_front_of_a_value() -> None:
-    visits = [Visit(10, 400, 1, 0, 1), Visit(1000, 1200, 2, 1, 3)]
-    assert due_of(encode_visits(visits)) == 400
-    assert due_of(encode_visits(list(reversed(visits)))) == 400
 
 
 # --- In Redis ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from stream.visits import (
     Visit,
     VisitTracker,
     decode_key,
+    decode_many,
     decode_visits,
     encode_key,
     encode_visits,
@@ -199,6 +200,28 @@ def test_stored_text_starts_with_the_earliest_last_event_time(
         visits, key=lambda v: v.first_ms
     )
     assert int(text.split(",", 1)[0]) == min(v.last_ms for v in visits)
+
+
+_VISIT = st.builds(
+    lambda first, length, page_views, interactions, extra: Visit(
+        first, first + length, page_views, interactions, page_views + interactions + extra
+    ),
+    st.integers(0, 2**53),
+    st.integers(0, 10**9),
+    st.integers(0, 10**6),
+    st.integers(0, 10**6),
+    st.integers(0, 10**6),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(_VISIT, min_size=1, max_size=4), max_size=8))
+def test_decode_many_reads_each_text_as_decode_visits_does(keys: list[list[Visit]]) -> None:
+    texts = [encode_visits(visits) for visits in keys]
+    decoded = decode_many([text.encode() for text in texts])
+    assert decoded == [decode_visits(text) for text in texts]
+    for visits, text in zip(decoded, texts, strict=True):  # the first read is the due time
+        assert visits[0].last_ms == int(text.split(",", 1)[0])
 
 
 @settings(max_examples=100, deadline=None)
