@@ -98,7 +98,7 @@ class Delta:
         windows: ``(bucket_ms, start_ms, campaign, field) -> increment`` for closed visits,
             attributed to the bucket of the visit's start.
         uniques: ``(campaign, kind, bucket_ms, start_ms) -> members`` (idempotent adds).
-        seen: Event ids counted by this batch.
+        seen: Event ids counted by this batch, in the order of their events.
         visits: Open visits changed: new list, or ``None`` when the key has none left.
         dead_letters: Rejections for the dead-letter topic.
         forwards: Events to re-publish on their visitor's partition.
@@ -302,7 +302,7 @@ class PartitionState:
         delta = Delta(self.partition, self.offset, self.watermark)
         held = len(self.visits)
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
-        batch_seen: set[str] = set()
+        batch_seen: dict[str, None] = {}  # counted ids, in the order of their events
         processed = 0
         homes, partition = self._homes, self.partition  # _is_home's common case, inline
         for d in decoded:
@@ -325,7 +325,7 @@ class PartitionState:
                 elif item.event_id in seen or item.event_id in batch_seen:
                     delta.pipeline["duplicates"] += 1
                 else:
-                    batch_seen.add(item.event_id)
+                    batch_seen[item.event_id] = None
                     processed += 1
                     self._count(delta, item)
             self.offset = record.offset

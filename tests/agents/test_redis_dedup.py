@@ -281,6 +281,29 @@ async def test_counted_ids_are_found_by_digest(store: RedisStore) -> None:
     assert await store.redis.get(store.key(0, "seen:0:0")) == digest("a") + digest("b")
 
 
+@pytest.mark.parametrize(
+    ("asked", "counted"),
+    [
+        pytest.param(["a", "b", "c"], ["a", "b", "c"], id="every id asked counted"),
+        pytest.param(["a", "b", "c", "a"], ["a", "b", "c"], id="a duplicate in the step"),
+        pytest.param(["a", "b", "c"], ["c", "a"], id="some not counted"),
+        pytest.param(["x", "y"], ["c", "a"], id="none asked (as many)"),
+        pytest.param([], ["a"], id="no look-up"),
+    ],
+)
+async def test_a_commit_stores_the_digests_of_what_it_counted(
+    store: RedisStore, asked: list[str], counted: list[str]
+) -> None:
+    """Whatever the step looked up before: the look-up's digests are reused, never trusted."""
+    await store.seen(0, asked)
+    await remember(store, counted, 1000)
+    stored = await store.redis.get(store.key(0, "seen:0:0"))
+    assert sorted(stored[i : i + 16] for i in range(0, len(stored), 16)) == sorted(
+        digest(i) for i in counted
+    )
+    assert await store.seen(0, ["a", "b", "c", "x"]) == set(counted)
+
+
 async def test_a_store_that_loads_the_partition_reads_every_id_back(
     redis_server: EmbeddedRedis, store: RedisStore
 ) -> None:
