@@ -292,7 +292,8 @@ class PartitionState:
 
         Args:
             decoded: The batch, in offset order.
-            seen: Which of :func:`candidate_ids` the store has already counted.
+            seen: Which of the step's ids (:attr:`VisitNeeds.ids`, or any superset such as
+                :func:`candidate_ids`) the store has already counted.
             now_s: Wall-clock time (epoch s), for the far-future bound and idle advance.
 
         Returns:

@@ -93,10 +93,8 @@ def encode_visits(visits: list[Visit]) -> str:
 
 
 def decode_visits(text: str) -> list[Visit]:
-    """Inverse of :func:`encode_visits` (the visits in the text's order)."""
-    if ";" not in text:  # nearly always: one open visit per key
-        last, duration, page_views, interactions, events = map(int, text.split(","))
-        return [Visit(last - duration, last, page_views, interactions, events)]
+    """Inverse of :func:`encode_visits` (the visits in the text's order): the format's reference;
+    the store reads its values with :func:`decode_many`."""
     visits = []
     for part in text.split(";"):
         last, duration, page_views, interactions, events = map(int, part.split(","))

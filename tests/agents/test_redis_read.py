@@ -22,7 +22,6 @@ from stream.partition import (
     Limits,
     PartitionState,
     Record,
-    candidate_ids,
     decode,
 )
 from stream.partitioner import partition_for
@@ -78,8 +77,9 @@ async def apply(store: Store, batch: Sequence[Record], partitions: int = 1) -> N
         p, partitions, Limits(), KEY, snap.offset, snap.watermark, snap.open_visits
     )
     decoded = decode(batch)
-    state.load_visits(await store.visits(p, state.visit_needs(decoded, NOW_S)))
-    seen = await store.seen(p, candidate_ids(decoded))
+    needs = state.visit_needs(decoded, NOW_S)
+    state.load_visits(await store.visits(p, needs))
+    seen = await store.seen(p, needs.ids)
     expected = state.offset
     delta = state.apply(decoded, seen, NOW_S)
     await store.add_uniques(delta.uniques)

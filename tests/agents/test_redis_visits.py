@@ -36,7 +36,6 @@ from stream.partition import (
     PartitionState,
     Record,
     VisitNeeds,
-    candidate_ids,
     decode,
 )
 from stream.store import MemoryStore, Store
@@ -313,7 +312,7 @@ async def run(store: Store, batches: list[list[Record]], keep: int) -> list[tupl
         decoded = decode(batch)
         now = time.time()
         needs = state.visit_needs(decoded, now)
-        seen = await store.seen(0, candidate_ids(decoded))
+        seen = await store.seen(0, needs.ids)
         state.load_visits(await store.visits(0, needs))
         expected = state.offset
         delta = state.apply(decoded, seen, now)

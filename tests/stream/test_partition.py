@@ -624,7 +624,7 @@ async def run_working_set(
         decoded = decode(batch)
         needs = state.visit_needs(decoded, SPLIT_NOW_S)
         state.load_visits(await store.visits(0, needs))
-        seen = await store.seen(0, candidate_ids(decoded))
+        seen = await store.seen(0, needs.ids)
         expected = state.offset
         delta = state.apply(decoded, seen, SPLIT_NOW_S)
         await store.add_uniques(delta.uniques)
