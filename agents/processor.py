@@ -251,7 +251,7 @@ class BatchProcessor:
                     if decoded is None:
                         delta = state.idle_advance(now)
                     else:
-                        delta = state.apply(decoded, seen, now)
+                        delta = state.apply(decoded, seen, now, needs)
                 except Exception:
                     log.exception("partition %d: processing failed; dead-lettering", partition)
                     self.states.pop(partition, None)

@@ -149,12 +149,14 @@ class VisitNeeds:
     those of ``held`` (the step has them: the store need not return them, and they are not
     loaded). ``ids``: the event ids whose "already counted?" answer the step needs (those
     :meth:`PartitionState.apply` may count: :func:`candidate_ids` less the records already
-    applied and the events too far in the future)."""
+    applied and the events too far in the future). ``foreign``: the step's visitors whose
+    events belong to another partition (:meth:`PartitionState.apply` looks up only these)."""
 
     keys: list[VisitKey]
     last_before_ms: int
     held: Container[VisitKey] = ()
     ids: list[str] = field(default_factory=list)
+    foreign: Container[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,18 +217,15 @@ class PartitionState:
         self._lateness_ms = limits.lateness_ms
 
     def visit_needs(self, decoded: Sequence[Decoded], now_s: float) -> VisitNeeds:
-        """The open visits :meth:`apply` may touch or close for this batch, and the ids it may
-        count (one pass over the batch for both).
+        """The open visits :meth:`apply` may touch or close for this batch, the ids it may count
+        and the visitors it must forward (one pass over the batch for all three).
 
-        Also finds the partition of the batch's visitors not met before, all at once (see
-        :func:`stream.partitioner.partitions_for`): :meth:`apply` then only looks them up.
+        The partition of the batch's visitors is looked up once per visitor (not per event), and
+        found for those not met before all at once (see :func:`stream.partitioner.partitions_for`).
         """
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         bound = self.watermark.watermark_ms
         keys: dict[VisitKey, None] = {}  # each key once, though met once per event
-        held = self.visits.keys()  # held visits are the store's, as of the last commit
-        homes = self._homes
-        unknown: dict[str, None] = {}  # in order of arrival (the memo forgets the oldest first)
         ids: list[str] = []
         for d in decoded:
             if d.record.offset <= self.offset:
@@ -234,23 +233,37 @@ class PartitionState:
             for item in d.items:
                 if not isinstance(item, Rejection) and item.ts_ms <= future_limit_ms:
                     ids.append(item.event_id)
-                    key = (item.campaign_id, item.visitor_id)
-                    if key not in held:
-                        keys[key] = None
-                    if item.visitor_id not in homes:  # held or not: the memo may have dropped it
-                        unknown[item.visitor_id] = None
+                    keys[item.campaign_id, item.visitor_id] = None
                     if item.ts_ms > bound:
                         bound = item.ts_ms
-        if unknown:
-            self._learn_homes(list(unknown))
-        return VisitNeeds(list(keys), bound - self.limits.gap_ms, held, ids)
+        held = self.visits.keys()  # held visits are the store's, as of the last commit
+        fetch = [key for key in keys if key not in held] if held else list(keys)
+        foreign = self._foreign({visitor: None for _, visitor in keys})
+        return VisitNeeds(fetch, bound - self.limits.gap_ms, held, ids, foreign)
 
-    def _learn_homes(self, visitors: list[str]) -> None:
+    def _foreign(self, visitors: Iterable[str]) -> set[str]:
+        """Those of ``visitors`` (each once) whose events belong to another partition."""
+        homes, partition = self._homes, self.partition
+        visitors = list(visitors)
+        known = [homes.get(visitor) for visitor in visitors]
+        foreign = {v for v, home in zip(visitors, known, strict=True) if home != partition}
+        if None in known:  # not met before, or forgotten by the memo
+            unknown = [v for v, home in zip(visitors, known, strict=True) if home is None]
+            learned = self._learn_homes(unknown)
+            foreign.difference_update(
+                v for v, home in zip(unknown, learned, strict=True) if home == partition
+            )
+        return foreign
+
+    def _learn_homes(self, visitors: list[str]) -> list[int]:
+        """The partitions of ``visitors``, remembered."""
         homes = self._homes
         if len(homes) + len(visitors) > _HOMES_MEMO:
             for visitor in list(itertools.islice(homes, len(homes) // 2)):  # the older half
                 del homes[visitor]
-        homes.update(zip(visitors, partitions_for(visitors, self.partitions), strict=True))
+        found = partitions_for(visitors, self.partitions)
+        homes.update(zip(visitors, found, strict=True))
+        return found
 
     def idle_needs(self, now_s: float) -> VisitNeeds | None:
         """The open visits :meth:`idle_advance` may close now; ``None``: it would do nothing."""
@@ -287,7 +300,13 @@ class PartitionState:
                 room -= len(visits)
         kept.load_many(staying)
 
-    def apply(self, decoded: Sequence[Decoded], seen: set[str], now_s: float) -> Delta:
+    def apply(
+        self,
+        decoded: Sequence[Decoded],
+        seen: set[str],
+        now_s: float,
+        needs: VisitNeeds | None = None,
+    ) -> Delta:
         """Apply a batch of this partition's records.
 
         Args:
@@ -295,6 +314,8 @@ class PartitionState:
             seen: Which of the step's ids (:attr:`VisitNeeds.ids`, or any superset such as
                 :func:`candidate_ids`) the store has already counted.
             now_s: Wall-clock time (epoch s), for the far-future bound and idle advance.
+            needs: This batch's :meth:`visit_needs`, made on this state: its visitors to
+                forward are used (otherwise they are found here).
 
         Returns:
             The changes, for the store. This state already reflects them: if the store refuses
@@ -305,7 +326,9 @@ class PartitionState:
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         batch_seen: dict[str, None] = {}  # counted ids, in the order of their events
         processed = 0
-        homes, partition = self._homes, self.partition  # _is_home's common case, inline
+        if needs is None:
+            needs = self.visit_needs(decoded, now_s)
+        foreign = needs.foreign
         for d in decoded:
             record = d.record
             if record.offset <= self.offset:
@@ -320,7 +343,7 @@ class PartitionState:
                         Reason.BAD_TIMESTAMP, "ts is too far in the future", as_json[index], None
                     )
                     self._reject(delta, record, rejection)
-                elif homes.get(item.visitor_id) != partition and not self._is_home(item, own_key):
+                elif foreign and item.visitor_id in foreign and not self._is_home(item, own_key):
                     delta.forwards.append(Forward(item.visitor_id, as_json[index]))
                     delta.pipeline["forwarded"] += 1
                 elif item.event_id in seen or item.event_id in batch_seen:

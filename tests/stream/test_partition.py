@@ -61,12 +61,18 @@ def apply(
     return st_.apply(decode(records), seen or set(), now_s)
 
 
-def visitor_on(partition: int, partitions: int, other: bool = False) -> str:
-    """A visitor id that Kafka's partitioner puts on ``partition`` (or, with ``other``, not)."""
-    for i in range(1000):
-        visitor = f"visitor-{i}"
-        if (partition_for(visitor, partitions) == partition) is not other:
+def visitor_on(partition: int, partitions: int, other: bool = False, skip: int = 0) -> str:
+    """A visitor id that Kafka's partitioner puts on ``partition`` (or, with ``other``, not);
+    ``skip`` such ids are passed first."""
+    found = (
+        visitor
+        for visitor in (f"visitor-{i}" for i in range(1000))
+        if (partition_for(visitor, partitions) == partition) is not other
+    )
+    for visitor in found:
+        if skip == 0:
             return visitor
+        skip -= 1
     raise AssertionError("no such visitor")
 
 
@@ -258,10 +264,31 @@ def test_visit_needs_finds_the_partitions_of_new_visitors_for_apply() -> None:
     st_ = PartitionState(0, 8, LIMITS, KEY, homes=homes)
     home, away = visitor_on(0, 8), visitor_on(0, 8, other=True)
     decoded = decode([record(0, [event("1", visitor_id=home), event("2", visitor_id=away)], None)])
-    st_.visit_needs(decoded, NOW_S)
+    needs = st_.visit_needs(decoded, NOW_S)
     assert homes == {home: 0, away: partition_for(away, 8)}
-    delta = st_.apply(decoded, set(), NOW_S)
+    assert needs.foreign == {away}  # apply looks up only these
+    delta = st_.apply(decoded, set(), NOW_S, needs)
     assert [f.visitor_id for f in delta.forwards] == [away] and delta.seen == ["1"]
+
+
+def test_visitors_to_forward_do_not_depend_on_the_memo() -> None:
+    # Known, new, and forgotten by the shared memo between visit_needs and apply (another
+    # partition's step may make it forget): the same events are forwarded, with needs or without.
+    homes: dict[str, int] = {}
+    st_ = PartitionState(0, 8, LIMITS, KEY, homes=homes)
+    home, away = visitor_on(0, 8), visitor_on(0, 8, other=True)
+    new_home, new_away = visitor_on(0, 8, skip=1), visitor_on(0, 8, other=True, skip=1)
+    homes.update({home: 0, away: partition_for(away, 8)})
+    objs = [event(v, visitor_id=v) for v in (home, away, new_home, new_away, home, away)]
+    decoded = decode([record(0, objs, None)])
+    needs = st_.visit_needs(decoded, NOW_S)
+    assert needs.foreign == {away, new_away}
+    homes.clear()
+    with_needs = st_.apply(decoded, set(), NOW_S, needs)
+    alone = state(0, 8).apply(decoded, set(), NOW_S)
+    for delta in (with_needs, alone):
+        assert [f.visitor_id for f in delta.forwards] == [away, new_away, away]
+        assert delta.seen == [home, new_home]  # each id's second event is a duplicate
 
 
 def test_the_partition_memo_forgets_its_older_half_when_full(
