@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from stream.events import Event, EventJson, EventType, Reason, Rejection, decode_record
 from stream.identity import participant_hash
-from stream.partitioner import partition_for, partitions_for
+from stream.partitioner import partitions_for
 from stream.visits import Visit, VisitKey, VisitTracker
 from stream.watermark import Watermark
 from stream.windows import WINDOWS, bucket_start
@@ -238,13 +238,12 @@ class PartitionState:
                         bound = item.ts_ms
         held = self.visits.keys()  # held visits are the store's, as of the last commit
         fetch = [key for key in keys if key not in held] if held else list(keys)
-        foreign = self._foreign({visitor: None for _, visitor in keys})
+        foreign = self._foreign(list(dict.fromkeys(visitor for _, visitor in keys)))
         return VisitNeeds(fetch, bound - self.limits.gap_ms, held, ids, foreign)
 
-    def _foreign(self, visitors: Iterable[str]) -> set[str]:
+    def _foreign(self, visitors: list[str]) -> set[str]:
         """Those of ``visitors`` (each once) whose events belong to another partition."""
         homes, partition = self._homes, self.partition
-        visitors = list(visitors)
         known = [homes.get(visitor) for visitor in visitors]
         foreign = {v for v, home in zip(visitors, known, strict=True) if home != partition}
         if None in known:  # not met before, or forgotten by the memo
@@ -343,7 +342,12 @@ class PartitionState:
                         Reason.BAD_TIMESTAMP, "ts is too far in the future", as_json[index], None
                     )
                     self._reject(delta, record, rejection)
-                elif foreign and item.visitor_id in foreign and not self._is_home(item, own_key):
+                elif (
+                    foreign
+                    and item.visitor_id in foreign
+                    # Keyed by its visitor: the producer's partitioner chose this partition.
+                    and own_key != item.visitor_id.encode()
+                ):
                     delta.forwards.append(Forward(item.visitor_id, as_json[index]))
                     delta.pipeline["forwarded"] += 1
                 elif item.event_id in seen or item.event_id in batch_seen:
@@ -369,15 +373,6 @@ class PartitionState:
         delta = Delta(self.partition, self.offset, self.watermark)
         self._close(self.watermark.watermark_ms)
         return self._finish(delta, held)
-
-    def _is_home(self, event: Event, key: bytes | None) -> bool:
-        visitor = event.visitor_id
-        if key is not None and key == visitor.encode():
-            return True  # keyed by its visitor: the producer's partitioner chose this partition
-        home = self._homes.get(visitor)
-        if home is None:  # not met by visit_needs (apply called alone): one at a time
-            home = partition_for(visitor, self.partitions)
-        return home == self.partition
 
     def _reject(self, delta: Delta, record: Record, rejection: Rejection) -> None:
         delta.dead_letters.append(DeadLetter(record, rejection))
