@@ -63,11 +63,15 @@ end
 local found, at = {}, 1  -- one value (or false) per field asked
 for i = 2 + plan[1], #plan, 2 do
   local last = at + plan[i + 1] - 1
-  for first = at, last, 1000 do  -- a shard's fields in one call (unpack is chunked)
-    local upto = math.min(first + 999, last)
-    local values = redis.call('HMGET', KEYS[plan[i]], unpack(asked, first, upto))
-    for j = first, upto do
-      found[j] = (not taken[asked[j]]) and values[j - first + 1] or false
+  if last == at then  -- one field: nearly always on live traffic (few keys per shard and step)
+    found[at] = (not taken[asked[at]]) and redis.call('HGET', KEYS[plan[i]], asked[at]) or false
+  else
+    for first = at, last, 1000 do  -- a shard's fields in one call (unpack is chunked)
+      local upto = math.min(first + 999, last)
+      local values = redis.call('HMGET', KEYS[plan[i]], unpack(asked, first, upto))
+      for j = first, upto do
+        found[j] = (not taken[asked[j]]) and values[j - first + 1] or false
+      end
     end
   end
   at = last + 1
@@ -89,10 +93,16 @@ local function write_visits(base, plan, strings)
   for i = 1, #plan, 6 do
     local key, shard, op, due = KEYS[base + plan[i]], plan[i + 1], plan[i + 2], plan[i + 3]
     local last = at + plan[i + 4] - 1
-    chunked(strings, function(...) redis.call('HDEL', key, ...) end, at, last)
+    if last >= at then  -- deletes are rare: no closure made for none
+      chunked(strings, function(...) redis.call('HDEL', key, ...) end, at, last)
+    end
     at = last + 1
     last = at + 2 * plan[i + 5] - 1
-    chunked(strings, function(...) redis.call('HSET', key, ...) end, at, last)
+    if last == at + 1 then  -- one entry: nearly always on live traffic
+      redis.call('HSET', key, strings[at], strings[last])
+    elseif last > at then
+      chunked(strings, function(...) redis.call('HSET', key, ...) end, at, last)
+    end
     at = last + 1
     if op == 1 then
       lower[#lower + 1] = due
