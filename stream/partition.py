@@ -243,16 +243,14 @@ class PartitionState:
 
     def _foreign(self, visitors: list[str]) -> set[str]:
         """Those of ``visitors`` (each once) whose events belong to another partition."""
-        homes, partition = self._homes, self.partition
+        homes = self._homes
         known = [homes.get(visitor) for visitor in visitors]
-        foreign = {v for v, home in zip(visitors, known, strict=True) if home != partition}
-        if None in known:  # not met before, or forgotten by the memo
+        if None in known:  # not met before, or forgotten by the memo: found together
             unknown = [v for v, home in zip(visitors, known, strict=True) if home is None]
-            learned = self._learn_homes(unknown)
-            foreign.difference_update(
-                v for v, home in zip(unknown, learned, strict=True) if home == partition
-            )
-        return foreign
+            learned = iter(self._learn_homes(unknown))
+            known = [next(learned) if home is None else home for home in known]
+        partition = self.partition
+        return {v for v, home in zip(visitors, known, strict=True) if home != partition}
 
     def _learn_homes(self, visitors: list[str]) -> list[int]:
         """The partitions of ``visitors``, remembered."""
