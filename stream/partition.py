@@ -432,10 +432,9 @@ class PartitionState:
         # spreads the sums over the counters and every window's bucket (a few adds per visit,
         # not one per window and field).
         closing = self._closing
-        for closed in self.visits.close_until(watermark_ms):
-            visit = closed.visit
+        for campaign, visit in self.visits.close_until(watermark_ms):
             first = visit.first_ms
-            key = (closed.campaign_id, bucket_start(first, _FINEST_MS))
+            key = (campaign, bucket_start(first, _FINEST_MS))
             sums = closing.get(key)
             if sums is None:
                 sums = closing[key] = [0, 0, 0, 0]

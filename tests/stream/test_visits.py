@@ -39,7 +39,7 @@ def tracker_with(events: list[tuple[int, EventType]], key: str = "v") -> VisitTr
 
 
 def shape(visits: list[ClosedVisit] | list[Visit]) -> list[list[int]]:
-    return sorted(v.visit.pack() if isinstance(v, ClosedVisit) else v.pack() for v in visits)
+    return sorted(v[1].pack() if isinstance(v, tuple) else v.pack() for v in visits)
 
 
 def reference_visits(timestamps: list[int], gap: int) -> list[tuple[int, int, int]]:
@@ -103,7 +103,7 @@ def test_keys_are_independent() -> None:
     tracker.add("d", "a", 20, PV)  # other campaign: its own visit
     assert len(tracker) == 3
     closed = tracker.close_until(NEVER)
-    assert sorted(c.campaign_id for c in closed) == ["c", "c", "d"]
+    assert sorted(campaign for campaign, _ in closed) == ["c", "c", "d"]
 
 
 # --- Table: closing ----------------------------------------------------------------------------
@@ -129,13 +129,13 @@ def test_extended_visit_closes_on_its_new_deadline_only() -> None:
     tracker.add("c", "v", 800, IA)  # extends the deadline from 1000 to 1800
     assert tracker.close_until(GAP + 1) == []  # the old deadline is stale
     (closed,) = tracker.close_until(800 + GAP + 1)
-    assert closed == ClosedVisit("c", Visit(0, 800, 1, 1, 2))
+    assert closed == ("c", Visit(0, 800, 1, 1, 2))
 
 
 def test_close_picks_the_right_visit_of_a_key() -> None:
     tracker = tracker_with([(0, PV), (5 * GAP, IA)])
-    (closed,) = tracker.close_until(2 * GAP)
-    assert closed.visit.first_ms == 0
+    ((_, closed),) = tracker.close_until(2 * GAP)
+    assert closed.first_ms == 0
     assert [v.first_ms for v in tracker.get(("c", "v")) or []] == [5 * GAP]
 
 
@@ -158,9 +158,9 @@ def test_close_picks_the_right_visit_of_a_key() -> None:
 def test_bounce_and_duration(
     events: list[tuple[int, EventType]], bounced: bool, duration_ms: int
 ) -> None:
-    (closed,) = tracker_with(events).close_until(NEVER)
-    assert closed.visit.bounced is bounced
-    assert closed.visit.duration_ms == duration_ms
+    ((_, closed),) = tracker_with(events).close_until(NEVER)
+    assert closed.bounced is bounced
+    assert closed.duration_ms == duration_ms
 
 
 # --- Store round trip and dirty tracking --------------------------------------------------------
@@ -262,10 +262,10 @@ def test_stale_deadlines_are_compacted_without_losing_visits() -> None:
     for ts in range(0, 5000 * 10, 10):  # one long visit, extended 5000 times
         tracker.add("c", "v", ts, IA)
     tracker.add("c", "w", 0, PV)
-    assert tracker.close_until(GAP + 1) == [ClosedVisit("c", Visit(0, 0, 1, 0, 1))]
+    assert tracker.close_until(GAP + 1) == [("c", Visit(0, 0, 1, 0, 1))]
     assert len(tracker._deadlines) <= 2 * len(tracker) + 1024  # compacted
-    (closed,) = tracker.close_until(NEVER)
-    assert closed.visit.events == 5000
+    ((_, closed),) = tracker.close_until(NEVER)
+    assert closed.events == 5000
 
 
 # --- Properties --------------------------------------------------------------------------------
@@ -290,10 +290,9 @@ def test_order_independence_inside_the_gap(
 @settings(max_examples=200, deadline=None)
 def test_visits_match_the_definition(events: list[tuple[int, EventType]]) -> None:
     closed = tracker_with(events).close_until(NEVER)
-    got = sorted((c.visit.first_ms, c.visit.last_ms, c.visit.events) for c in closed)
+    got = sorted((v.first_ms, v.last_ms, v.events) for _, v in closed)
     assert got == reference_visits([ts for ts, _ in events], GAP)
-    for c in closed:
-        v = c.visit
+    for _, v in closed:
         assert v.duration_ms == v.last_ms - v.first_ms >= 0
         assert v.bounced == (v.events == 1 and v.page_views == 1)
 
@@ -325,14 +324,14 @@ def test_no_event_lost_and_open_visits_stay_apart(
         else:
             watermark += value
             for c in tracker.close_until(watermark):
-                assert c.visit.last_ms + GAP < watermark  # closed strictly after last + gap
+                assert c[1].last_ms + GAP < watermark  # closed strictly after last + gap
                 closed.append(c)
         open_visits = [v for key in "abc" for v in tracker.get(("c", key)) or []]
         assert len(tracker) == len(open_visits)
-        assert sum(v.events for v in open_visits) + sum(c.visit.events for c in closed) == added
+        assert sum(v.events for v in open_visits) + sum(v.events for _, v in closed) == added
         for key in "abc":
             vs = tracker.get(("c", key)) or []
             assert all(b.first_ms - a.last_ms > GAP for a, b in itertools.pairwise(vs))
     closed += tracker.close_until(NEVER)
-    assert sum(c.visit.events for c in closed) == added
+    assert sum(v.events for _, v in closed) == added
     assert len(tracker) == 0
