@@ -246,7 +246,7 @@ class BatchProcessor:
                 seen, visits = await asyncio.gather(
                     self.store.seen(partition, needs.ids), self.store.visits(partition, needs)
                 )
-                state.load_visits(visits)
+                state.load_visits(visits, needs)
                 try:
                     if decoded is None:
                         delta = state.idle_advance(now)

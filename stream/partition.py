@@ -150,13 +150,16 @@ class VisitNeeds:
     loaded). ``ids``: the event ids whose "already counted?" answer the step needs (those
     :meth:`PartitionState.apply` may count: :func:`candidate_ids` less the records already
     applied and the events too far in the future). ``foreign``: the step's visitors whose
-    events belong to another partition (:meth:`PartitionState.apply` looks up only these)."""
+    events belong to another partition (:meth:`PartitionState.apply` looks up only these).
+    ``touched``: every key the step's events may reach, held or not; ``None``: not known (any
+    visit loaded may be reached)."""
 
     keys: list[VisitKey]
     last_before_ms: int
     held: Container[VisitKey] = ()
     ids: list[str] = field(default_factory=list)
     foreign: Container[str] = frozenset()
+    touched: Container[VisitKey] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +217,8 @@ class PartitionState:
         self._closing: dict[tuple[str, int], list[int]] = {}
         # (campaign, type) -> events counted, within a step (see _count and _finish)
         self._tally: dict[tuple[str, EventType], int] = {}
+        # Visits loaded for a step that no event of it reaches (see load_visits)
+        self._untouched: list[tuple[VisitKey, list[Visit]]] = []
         self._lateness_ms = limits.lateness_ms
 
     def visit_needs(self, decoded: Sequence[Decoded], now_s: float) -> VisitNeeds:
@@ -239,7 +244,7 @@ class PartitionState:
         held = self.visits.keys()  # held visits are the store's, as of the last commit
         fetch = [key for key in keys if key not in held] if held else list(keys)
         foreign = self._foreign(list(dict.fromkeys(visitor for _, visitor in keys)))
-        return VisitNeeds(fetch, bound - self.limits.gap_ms, held, ids, foreign)
+        return VisitNeeds(fetch, bound - self.limits.gap_ms, held, ids, foreign, keys.keys())
 
     def _foreign(self, visitors: list[str]) -> set[str]:
         """Those of ``visitors`` (each once) whose events belong to another partition."""
@@ -267,12 +272,33 @@ class PartitionState:
         target = self.watermark.idle_target(now_s, self.limits.idle_advance_s)
         if target is None:
             return None
-        return VisitNeeds([], target - self.limits.gap_ms, self.visits.keys())
+        return VisitNeeds([], target - self.limits.gap_ms, self.visits.keys(), touched=())
 
-    def load_visits(self, visits: Mapping[VisitKey, list[Visit]]) -> None:
-        """Bring open visits from the store into memory (keys already here are kept as they are)."""
+    def load_visits(
+        self, visits: Mapping[VisitKey, list[Visit]], needs: VisitNeeds | None = None
+    ) -> None:
+        """Bring open visits from the store into memory (keys already here are kept as they are).
+
+        With the ``needs`` they were fetched for, the visits of keys no event of the step reaches
+        (fetched because they may close: most of those a step closes) are not tracked. Nothing
+        but the watermark can change them, and it only grows within a step, so whether each
+        closes is decided once, at the step's last watermark (:meth:`_close_untouched`): the
+        same outcome as tracking them, without their heap entries and dict slots.
+        """
         tracker = self.visits
-        tracker.load_many((key, found) for key, found in visits.items() if key not in tracker)
+        untouched = self._untouched = []  # this step's only
+        touched = needs.touched if needs is not None else None
+        if touched is None:
+            tracker.load_many((key, found) for key, found in visits.items() if key not in tracker)
+            return
+        tracked = []
+        for key, found in visits.items():
+            if key in touched:
+                if key not in tracker:
+                    tracked.append((key, found))
+            elif key not in tracker:
+                untouched.append((key, found))
+        tracker.load_many(tracked)
 
     def evict_visits(self, keep: int = 0, recent: Iterable[VisitKey] = ()) -> None:
         """Forget open visits held in memory, so that at most ``keep`` stay.
@@ -361,7 +387,7 @@ class PartitionState:
             self.watermark.arrived(now_s)
         delta.seen = list(batch_seen)
         self._close(self.watermark.watermark_ms)
-        return self._finish(delta, held)
+        return self._finish(delta, held, self._close_untouched(self.watermark.watermark_ms))
 
     def idle_advance(self, now_s: float) -> Delta | None:
         """Move the watermark with the wall clock when idle; the delta of visits it closes."""
@@ -370,7 +396,7 @@ class PartitionState:
             return None
         delta = Delta(self.partition, self.offset, self.watermark)
         self._close(self.watermark.watermark_ms)
-        return self._finish(delta, held)
+        return self._finish(delta, held, self._close_untouched(self.watermark.watermark_ms))
 
     def _reject(self, delta: Delta, record: Record, rejection: Rejection) -> None:
         delta.dead_letters.append(DeadLetter(record, rejection))
@@ -431,8 +457,34 @@ class PartitionState:
         # Closed visits are summed per campaign and finest bucket of their start; _finish
         # spreads the sums over the counters and every window's bucket (a few adds per visit,
         # not one per window and field).
+        self._add_closed(self.visits.close_until(watermark_ms))
+
+    def _close_untouched(self, watermark_ms: int) -> dict[VisitKey, list[Visit] | None]:
+        """Close the untouched visits (see :meth:`load_visits`) that ``watermark_ms`` closes;
+        their keys' changes (the visits left, ``None``: none)."""
+        changed: dict[VisitKey, list[Visit] | None] = {}
+        untouched, self._untouched = self._untouched, []
+        if not untouched:
+            return changed
+        gap = self.limits.gap_ms
+        closed: list[tuple[str, Visit]] = []
+        for key, visits in untouched:
+            if len(visits) == 1:  # nearly always
+                if visits[0].last_ms + gap < watermark_ms:
+                    closed.append((key[0], visits[0]))
+                    changed[key] = None
+                continue
+            kept = [v for v in visits if v.last_ms + gap >= watermark_ms]
+            if len(kept) < len(visits):
+                closed += [(key[0], v) for v in visits if v.last_ms + gap < watermark_ms]
+                changed[key] = kept or None
+        self._add_closed(closed)
+        self.open_visits -= len(closed)
+        return changed
+
+    def _add_closed(self, closed: Iterable[tuple[str, Visit]]) -> None:
         closing = self._closing
-        for campaign, visit in self.visits.close_until(watermark_ms):
+        for campaign, visit in closed:
             first = visit.first_ms
             key = (campaign, bucket_start(first, _FINEST_MS))
             sums = closing.get(key)
@@ -459,7 +511,9 @@ class PartitionState:
                 windows[(*bucket, INTERACTIONS)] += interactions
                 windows[(*bucket, DURATION_MS)] += duration_ms
 
-    def _finish(self, delta: Delta, held: int) -> Delta:
+    def _finish(
+        self, delta: Delta, held: int, untouched: dict[VisitKey, list[Visit] | None]
+    ) -> Delta:
         tally, self._tally = self._tally, {}
         for (campaign, event_type), n in tally.items():
             delta.counters[campaign, EVENT_COUNTERS[event_type]] += n
@@ -479,6 +533,7 @@ class PartitionState:
         delta.offset = self.offset
         delta.watermark = replace(self.watermark)
         delta.visits = self.visits.take_dirty()
+        delta.visits.update(untouched)
         self.open_visits += len(self.visits) - held  # opened minus closed in this step
         delta.open_visits = self.open_visits
         return delta

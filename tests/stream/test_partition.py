@@ -26,6 +26,7 @@ from stream.partition import (
     Limits,
     PartitionState,
     Record,
+    VisitNeeds,
     candidate_ids,
     decode,
 )
@@ -650,7 +651,7 @@ async def run_working_set(
     for batch in [b for b in batches if b]:
         decoded = decode(batch)
         needs = state.visit_needs(decoded, SPLIT_NOW_S)
-        state.load_visits(await store.visits(0, needs))
+        state.load_visits(await store.visits(0, needs), needs)
         seen = await store.seen(0, needs.ids)
         expected = state.offset
         delta = state.apply(decoded, seen, SPLIT_NOW_S)
@@ -659,7 +660,7 @@ async def run_working_set(
         state.evict_visits(keep, delta.visits)
     idle = state.idle_needs(SPLIT_NOW_S + 3600)
     if idle is not None:
-        state.load_visits(await store.visits(0, idle))
+        state.load_visits(await store.visits(0, idle), idle)
         delta = state.idle_advance(SPLIT_NOW_S + 3600)
         assert delta is not None
         assert await store.commit(delta, state.offset, 86_400_000)
@@ -679,3 +680,47 @@ def test_working_set_equals_everything_in_memory(
     in_memory = run(run_batches(batches, [False] * len(batches), partitions))
     working_set = run(run_working_set(batches, partitions, keep))
     assert run(totals(working_set)) == run(totals(in_memory))
+
+
+def test_visits_no_event_reaches_close_at_the_steps_last_watermark() -> None:
+    # Step 1 opens visits of v0 and v1. Step 2 has only v3's events: v0's and v1's visits are
+    # fetched because they may close, left untracked, and close (v0) or stay (v1) at step 2's
+    # last watermark, exactly as if tracked; so does the idle advance that closes the rest.
+    gap = SMALL.gap_ms
+    first = [
+        event("a", "page_view", H_MS, visitor_id="v0"),
+        event("b", "interaction", H_MS + 3 * MIN_MS, visitor_id="v1"),
+    ]
+    second = [event("c", "page_view", H_MS + gap + 1, visitor_id="v3")]
+    batches = [[record(0, dumps(first))], [record(1, dumps(second))]]
+    working_set = run(run_working_set(batches, 1))
+    in_memory = run(run_batches(batches, [False, False], 1))
+    assert run(totals(working_set)) == run(totals(in_memory))
+
+    async def second_step() -> tuple[Delta, PartitionState]:
+        store = MemoryStore()
+        state = await load_state(store, 0, 1, SMALL)
+        await process(store, state, batches[0], SPLIT_NOW_S)
+        state.evict_visits()
+        decoded = decode(batches[1])
+        needs = state.visit_needs(decoded, SPLIT_NOW_S)
+        state.load_visits(await store.visits(0, needs), needs)
+        assert len(state.visits) == 0  # v3's visit is new; v0's and v1's are not tracked
+        return state.apply(decoded, set(), SPLIT_NOW_S, needs), state
+
+    delta, after = run(second_step())
+    assert delta.visits.keys() == {("c1", "v0"), ("c1", "v3")}  # v1's stays as stored
+    assert delta.visits[("c1", "v0")] is None
+    assert delta.counters[("c1", VISITS)] == 1 and delta.counters[("c1", BOUNCED)] == 1
+    assert after.open_visits == 2  # v1, v3
+
+
+def test_visits_loaded_for_a_step_that_never_applied_are_not_closed_later() -> None:
+    # A step that loads visits and then does nothing (an idle advance that finds nothing to
+    # move) leaves no untracked visit behind for the next step to close a second time.
+    state = PartitionState(0, 1, SMALL, KEY)
+    stale = VisitNeeds([], H_MS, touched=())
+    state.load_visits({("c1", "v0"): [Visit(H_MS, H_MS, 1, 0, 1)]}, stale)
+    state.load_visits({}, stale)
+    delta = state.apply(decode([record(0, event("x", ts=H_MS + 60 * MIN_MS))]), set(), SPLIT_NOW_S)
+    assert delta.counters[("c1", VISITS)] == 0
