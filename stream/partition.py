@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from stream.events import Event, EventJson, EventType, Reason, Rejection, decode_record
 from stream.identity import participant_hash
 from stream.partitioner import partitions_for
-from stream.visits import Visit, VisitKey, VisitTracker
+from stream.visits import ClosedVisit, Visit, VisitKey, VisitTracker
 from stream.watermark import Watermark
 from stream.windows import WINDOWS, bucket_start
 
@@ -393,6 +393,7 @@ class PartitionState:
         """Move the watermark with the wall clock when idle; the delta of visits it closes."""
         held = len(self.visits)
         if not self.watermark.idle_advance(now_s, self.limits.idle_advance_s):
+            self._untouched = []  # loaded for nothing: never closed by a later step
             return None
         delta = Delta(self.partition, self.offset, self.watermark)
         self._close(self.watermark.watermark_ms)
@@ -454,9 +455,6 @@ class PartitionState:
             members.add(member)
 
     def _close(self, watermark_ms: int) -> None:
-        # Closed visits are summed per campaign and finest bucket of their start; _finish
-        # spreads the sums over the counters and every window's bucket (a few adds per visit,
-        # not one per window and field).
         self._add_closed(self.visits.close_until(watermark_ms))
 
     def _close_untouched(self, watermark_ms: int) -> dict[VisitKey, list[Visit] | None]:
@@ -467,7 +465,7 @@ class PartitionState:
         if not untouched:
             return changed
         gap = self.limits.gap_ms
-        closed: list[tuple[str, Visit]] = []
+        closed: list[ClosedVisit] = []
         for key, visits in untouched:
             if len(visits) == 1:  # nearly always
                 if visits[0].last_ms + gap < watermark_ms:
@@ -482,7 +480,10 @@ class PartitionState:
         self.open_visits -= len(closed)
         return changed
 
-    def _add_closed(self, closed: Iterable[tuple[str, Visit]]) -> None:
+    def _add_closed(self, closed: Iterable[ClosedVisit]) -> None:
+        # Closed visits are summed per campaign and finest bucket of their start; _finish
+        # spreads the sums over the counters and every window's bucket (a few adds per visit,
+        # not one per window and field).
         closing = self._closing
         for campaign, visit in closed:
             first = visit.first_ms
