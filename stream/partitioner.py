@@ -53,50 +53,45 @@ def partition_for(key: str, partitions: int) -> int:
 
 
 def partitions_for(keys: Sequence[str], partitions: int) -> list[int]:
-    """:func:`partition_for` of each of ``keys``, computed together (numpy, per key length)."""
-    out = [0] * len(keys)
-    by_length: dict[int, tuple[list[int], list[bytes]]] = {}
-    for i, key in enumerate(keys):
-        data = key.encode()
-        group = by_length.get(len(data))
-        if group is None:
-            by_length[len(data)] = ([i], [data])
-        else:
-            group[0].append(i)
-            group[1].append(data)
-    for length, (at, same) in by_length.items():
-        hashes = _murmur2_rows(b"".join(same), len(same), length)
-        for i, partition in zip(at, ((hashes & 0x7FFFFFFF) % partitions).tolist(), strict=True):
-            out[i] = partition
-    return out
+    """:func:`partition_for` of each of ``keys``, computed together in numpy.
+
+    The keys are laid out zero-padded to the longest one's width, and each 4-byte word is mixed
+    in for the keys that have it: a few numpy operations per word of the longest key, whatever
+    the mix of lengths (grouping keys by length instead cost one set of operations per distinct
+    length: 14 us per key for 500 keys of 120 lengths).
+    """
+    if not keys:
+        return []
+    data = [key.encode() for key in keys]
+    lengths = np.fromiter(map(len, data), dtype=np.uint32, count=len(data))
+    hashes = _murmur2_padded(data, lengths)
+    return ((hashes & 0x7FFFFFFF) % partitions).tolist()  # type: ignore[no-any-return]
 
 
-def _murmur2_rows(data: bytes, rows: int, length: int) -> np.ndarray:
-    """:func:`murmur2` (unsigned) of ``rows`` keys of ``length`` bytes each, laid end to end.
+def _murmur2_padded(data: list[bytes], lengths: np.ndarray) -> np.ndarray:
+    """:func:`murmur2` (unsigned) of each of ``data`` (``lengths`` their sizes).
 
     uint32 arithmetic wraps modulo 2**32, as the hash's Java ``int`` arithmetic does.
     """
     m = np.uint32(_M)
-    keys = np.frombuffer(data, dtype=np.uint8).reshape(rows, length)
-    h = np.full(rows, (0x9747B28C ^ length) & _MASK, dtype=np.uint32)
-    words = length >> 2
-    if words:
-        packed = np.ascontiguousarray(keys[:, : words * 4]).view("<u4")  # (rows, words)
-        for i in range(words):
-            k = packed[:, i] * m
-            k ^= k >> 24
-            k *= m
-            h *= m
-            h ^= k
-    end = words << 2
-    rest = length & 3
-    if rest == 3:
-        h ^= keys[:, end + 2].astype(np.uint32) << 16
-    if rest >= 2:
-        h ^= keys[:, end + 1].astype(np.uint32) << 8
-    if rest >= 1:
-        h ^= keys[:, end].astype(np.uint32)
-        h *= m
+    width = (int(lengths.max()) // 4 + 1) * 4  # a zero word past every key: its tail is in range
+    rows = np.frombuffer(b"".join([d.ljust(width, b"\0") for d in data]), dtype=np.uint8)
+    rows = rows.reshape(len(data), width)
+    words = lengths >> 2
+    h = (lengths ^ np.uint32(0x9747B28C)).astype(np.uint32)
+    packed = rows.view("<u4")  # (keys, width / 4)
+    for i in range(int(words.max())):
+        k = packed[:, i] * m
+        k ^= k >> 24
+        k *= m
+        np.copyto(h, (h * m) ^ k, where=words > i)
+    # The tail: up to 3 bytes after the last whole word; the padding's zeros change nothing.
+    end = (words << 2).astype(np.intp)
+    at = np.arange(len(data))
+    h ^= rows[at, end + 2].astype(np.uint32) << 16
+    h ^= rows[at, end + 1].astype(np.uint32) << 8
+    h ^= rows[at, end].astype(np.uint32)
+    np.copyto(h, h * m, where=(lengths & 3) != 0)
     h ^= h >> 13
     h *= m
     h ^= h >> 15
