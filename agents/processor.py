@@ -126,7 +126,6 @@ class BatchProcessor:
         self.identity_key = settings.identity_key_bytes()
         self.dedup_retention_ms = settings.dedup_retention_seconds * 1000
         self.visit_cache = settings.visit_cache
-        self._homes: dict[str, int] = {}  # visitor -> partition, for every partition's state
         self.states: dict[int, PartitionState] = {}
         self.assigned: set[int] = set()
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -222,7 +221,6 @@ class BatchProcessor:
                 offset=stored.offset,
                 watermark=stored.watermark,
                 open_visits=stored.open_visits,
-                homes=self._homes,
             )
             state.watermark.arrived(self.clock())
             self.states[partition] = state

@@ -44,9 +44,6 @@ _BUCKETS_MS = sorted({spec.bucket_ms for spec in WINDOWS})
 _FINEST_MS, _COARSER_MS = _BUCKETS_MS[0], tuple(_BUCKETS_MS[1:])
 assert all(b % a == 0 for a, b in itertools.pairwise(_BUCKETS_MS)), "buckets must nest"
 
-# Visitors whose partition is remembered (a visitor's events come again and again): about 10 MB
-# at most; a worker shares one memo among its partitions, and forgets the older half when full.
-_HOMES_MEMO = 100_000
 
 # Window-bucket field ``u:<kind>``: the bucket has distinct-count data of that kind (not a sum).
 UNIQUE_MARK = "u:"
@@ -183,7 +180,6 @@ class PartitionState:
         offset: Last offset already applied (``-1``: none).
         watermark: The partition's watermark as stored.
         open_visits: Open visits of the partition, as stored.
-        homes: A visitor -> partition memo; a worker shares one among its partitions.
 
     Open visits need not all be in memory: before a step, the worker loads the ones the step
     needs (:meth:`visit_needs`, :meth:`load_visits`) and may evict them after its commit
@@ -200,7 +196,6 @@ class PartitionState:
         offset: int = -1,
         watermark: Watermark | None = None,
         open_visits: int = 0,
-        homes: dict[str, int] | None = None,
     ) -> None:
         self.partition = partition
         self.partitions = partitions
@@ -210,8 +205,6 @@ class PartitionState:
         self.watermark = watermark or Watermark()
         self.visits = VisitTracker(limits.gap_ms)
         self.open_visits = open_visits
-        # visitor -> partition (murmur2 in Python is costly); may be shared by the partitions
-        self._homes: dict[str, int] = {} if homes is None else homes
         # (campaign, finest bucket of the start) -> the closed visits' sums, within a step:
         # visits, bounced, interactions, duration (see _close)
         self._closing: dict[tuple[str, int], list[int]] = {}
@@ -225,8 +218,8 @@ class PartitionState:
         """The open visits :meth:`apply` may touch or close for this batch, the ids it may count
         and the visitors it must forward (one pass over the batch for all three).
 
-        The partition of the batch's visitors is looked up once per visitor (not per event), and
-        found for those not met before all at once (see :func:`stream.partitioner.partitions_for`).
+        The partitions of the batch's visitors are computed once per visitor (not per event), all
+        at once (see :func:`stream.partitioner.partitions_for`).
         """
         future_limit_ms = int(now_s * 1000) + self.limits.max_future_ms
         bound = self.watermark.watermark_ms
@@ -248,24 +241,11 @@ class PartitionState:
 
     def _foreign(self, visitors: list[str]) -> set[str]:
         """Those of ``visitors`` (each once) whose events belong to another partition."""
-        homes = self._homes
-        known = [homes.get(visitor) for visitor in visitors]
-        if None in known:  # not met before, or forgotten by the memo: found together
-            unknown = [v for v, home in zip(visitors, known, strict=True) if home is None]
-            learned = iter(self._learn_homes(unknown))
-            known = [next(learned) if home is None else home for home in known]
+        # Computed each step, not remembered: for a step's few thousand visitors, numpy's murmur2
+        # costs less than look-ups in a memo of 100,000 visitors, cold in the CPU's caches.
+        homes = partitions_for(visitors, self.partitions)
         partition = self.partition
-        return {v for v, home in zip(visitors, known, strict=True) if home != partition}
-
-    def _learn_homes(self, visitors: list[str]) -> list[int]:
-        """The partitions of ``visitors``, remembered."""
-        homes = self._homes
-        if len(homes) + len(visitors) > _HOMES_MEMO:
-            for visitor in list(itertools.islice(homes, len(homes) // 2)):  # the older half
-                del homes[visitor]
-        found = partitions_for(visitors, self.partitions)
-        homes.update(zip(visitors, found, strict=True))
-        return found
+        return {v for v, home in zip(visitors, homes, strict=True) if home != partition}
 
     def idle_needs(self, now_s: float) -> VisitNeeds | None:
         """The open visits :meth:`idle_advance` may close now; ``None``: it would do nothing."""

@@ -259,50 +259,32 @@ def test_envelope_keyed_by_one_visitor_forwards_the_others() -> None:
     assert sorted(delta.seen) == ["1", "3"]
 
 
-def test_visit_needs_finds_the_partitions_of_new_visitors_for_apply() -> None:
-    # Computed together (numpy) before apply, which then only looks them up; the memo is shared.
-    homes: dict[str, int] = {}
-    st_ = PartitionState(0, 8, LIMITS, KEY, homes=homes)
+def test_visit_needs_finds_the_partitions_of_the_visitors_for_apply() -> None:
+    # Computed together (numpy) before apply, which then only looks the foreign ones up.
+    st_ = state(0, 8)
     home, away = visitor_on(0, 8), visitor_on(0, 8, other=True)
     decoded = decode([record(0, [event("1", visitor_id=home), event("2", visitor_id=away)], None)])
     needs = st_.visit_needs(decoded, NOW_S)
-    assert homes == {home: 0, away: partition_for(away, 8)}
     assert needs.foreign == {away}  # apply looks up only these
     delta = st_.apply(decoded, set(), NOW_S, needs)
     assert [f.visitor_id for f in delta.forwards] == [away] and delta.seen == ["1"]
 
 
-def test_visitors_to_forward_do_not_depend_on_the_memo() -> None:
-    # Known, new, and forgotten by the shared memo between visit_needs and apply (another
-    # partition's step may make it forget): the same events are forwarded, with needs or without.
-    homes: dict[str, int] = {}
-    st_ = PartitionState(0, 8, LIMITS, KEY, homes=homes)
+def test_visitors_to_forward_are_the_same_with_needs_or_without() -> None:
+    # Visitors of this partition and of others, each met twice: the same events are forwarded
+    # whether apply is given visit_needs' result or finds the foreign visitors itself.
+    st_ = state(0, 8)
     home, away = visitor_on(0, 8), visitor_on(0, 8, other=True)
     new_home, new_away = visitor_on(0, 8, skip=1), visitor_on(0, 8, other=True, skip=1)
-    homes.update({home: 0, away: partition_for(away, 8)})
     objs = [event(v, visitor_id=v) for v in (home, away, new_home, new_away, home, away)]
     decoded = decode([record(0, objs, None)])
     needs = st_.visit_needs(decoded, NOW_S)
     assert needs.foreign == {away, new_away}
-    homes.clear()
     with_needs = st_.apply(decoded, set(), NOW_S, needs)
     alone = state(0, 8).apply(decoded, set(), NOW_S)
     for delta in (with_needs, alone):
         assert [f.visitor_id for f in delta.forwards] == [away, new_away, away]
         assert delta.seen == [home, new_home]  # each id's second event is a duplicate
-
-
-def test_the_partition_memo_forgets_its_older_half_when_full(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("stream.partition._HOMES_MEMO", 4)
-    homes: dict[str, int] = {}
-    st_ = PartitionState(0, 8, LIMITS, KEY, homes=homes)
-    for batch in (["a", "b", "c"], ["d"], ["e"]):
-        records = [record(i, event(v, visitor_id=v), None) for i, v in enumerate(batch)]
-        st_.visit_needs(decode(records), NOW_S)
-    assert list(homes) == ["c", "d", "e"]  # at "e": a, b (the older half of four) forgotten
-    assert homes == {v: partition_for(v, 8) for v in homes}
 
 
 def test_forwarded_events_are_not_deduplicated_here() -> None:
