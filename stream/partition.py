@@ -44,7 +44,6 @@ _BUCKETS_MS = sorted({spec.bucket_ms for spec in WINDOWS})
 _FINEST_MS, _COARSER_MS = _BUCKETS_MS[0], tuple(_BUCKETS_MS[1:])
 assert all(b % a == 0 for a, b in itertools.pairwise(_BUCKETS_MS)), "buckets must nest"
 
-
 # Window-bucket field ``u:<kind>``: the bucket has distinct-count data of that kind (not a sum).
 UNIQUE_MARK = "u:"
 

@@ -5,9 +5,9 @@ the UTF-8 ``visitor_id`` key (the same function in the Java client, librdkafka's
 ``murmur2_random`` and aiokafka's ``DefaultPartitioner``). Events that arrive elsewhere (records
 without a key, or with another key) are re-keyed to it.
 
-:func:`partitions_for` computes many keys at once, in numpy: a step's new visitors cost a fraction
-of a microsecond each instead of two or more (the hash in Python is a dozen integer operations
-per 4 bytes of key, each allocating).
+:func:`partitions_for` computes many keys at once, in numpy: a step's visitors cost a fraction of
+a microsecond each instead of two or more (the hash in Python is a dozen integer operations per 4
+bytes of key, each allocating).
 """
 
 from __future__ import annotations
