@@ -78,10 +78,10 @@ async def apply(store: Store, batch: Sequence[Record], partitions: int = 1) -> N
     )
     decoded = decode(batch)
     needs = state.visit_needs(decoded, NOW_S)
-    state.load_visits(await store.visits(p, needs))
+    state.load_visits(await store.visits(p, needs), needs)
     seen = await store.seen(p, needs.ids)
     expected = state.offset
-    delta = state.apply(decoded, seen, NOW_S)
+    delta = state.apply(decoded, seen, NOW_S, needs)
     await store.add_uniques(delta.uniques)
     assert await store.commit(delta, expected, DEDUP_RETENTION_MS)
 

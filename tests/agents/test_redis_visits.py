@@ -313,9 +313,9 @@ async def run(store: Store, batches: list[list[Record]], keep: int) -> list[tupl
         now = time.time()
         needs = state.visit_needs(decoded, now)
         seen = await store.seen(0, needs.ids)
-        state.load_visits(await store.visits(0, needs))
+        state.load_visits(await store.visits(0, needs), needs)
         expected = state.offset
-        delta = state.apply(decoded, seen, now)
+        delta = state.apply(decoded, seen, now, needs)
         await store.add_uniques(delta.uniques)
         assert await store.commit(delta, expected, 86_400_000)
         state.evict_visits(keep, delta.visits)
