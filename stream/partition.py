@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from stream.events import Event, EventJson, EventType, Reason, Rejection, decode_record
 from stream.identity import participant_hash
 from stream.partitioner import partitions_for
-from stream.visits import ClosedVisit, Visit, VisitKey, VisitTracker
+from stream.visits import ClosedVisit, Visit, VisitKey, VisitTracker, close_untracked
 from stream.watermark import Watermark
 from stream.windows import WINDOWS, bucket_start
 
@@ -439,22 +439,8 @@ class PartitionState:
     def _close_untouched(self, watermark_ms: int) -> dict[VisitKey, list[Visit] | None]:
         """Close the untouched visits (see :meth:`load_visits`) that ``watermark_ms`` closes;
         their keys' changes (the visits left, ``None``: none)."""
-        changed: dict[VisitKey, list[Visit] | None] = {}
         untouched, self._untouched = self._untouched, []
-        if not untouched:
-            return changed
-        gap = self.limits.gap_ms
-        closed: list[ClosedVisit] = []
-        for key, visits in untouched:
-            if len(visits) == 1:  # nearly always
-                if visits[0].last_ms + gap < watermark_ms:
-                    closed.append((key[0], visits[0]))
-                    changed[key] = None
-                continue
-            kept = [v for v in visits if v.last_ms + gap >= watermark_ms]
-            if len(kept) < len(visits):
-                closed += [(key[0], v) for v in visits if v.last_ms + gap < watermark_ms]
-                changed[key] = kept or None
+        closed, changed = close_untracked(untouched, self.limits.gap_ms, watermark_ms)
         self._add_closed(closed)
         self.open_visits -= len(closed)
         return changed

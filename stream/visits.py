@@ -136,6 +136,32 @@ thousands, and a frozen dataclass cost 0.38 us each to build (its ``__init__`` s
 through ``object.__setattr__``), a tuple 0.02."""
 
 
+def _split_closed(
+    visits: list[Visit], gap_ms: int, watermark_ms: int
+) -> tuple[list[Visit], list[Visit]]:
+    """``visits`` that ``watermark_ms`` closes (strictly after last event time plus the gap),
+    and the others."""
+    if len(visits) == 1:  # nearly always
+        return (visits, []) if visits[0].last_ms + gap_ms < watermark_ms else ([], visits)
+    ended = [v for v in visits if v.last_ms + gap_ms < watermark_ms]
+    return ended, [v for v in visits if v.last_ms + gap_ms >= watermark_ms]
+
+
+def close_untracked(
+    loaded: Iterable[tuple[VisitKey, list[Visit]]], gap_ms: int, watermark_ms: int
+) -> tuple[list[ClosedVisit], dict[VisitKey, list[Visit] | None]]:
+    """Close, by the rule of :meth:`VisitTracker.close_until`, open visits no tracker holds: those
+    ``watermark_ms`` closes, and per key that lost some, the visits left (``None``: none)."""
+    closed: list[ClosedVisit] = []
+    changed: dict[VisitKey, list[Visit] | None] = {}
+    for key, visits in loaded:
+        ended, kept = _split_closed(visits, gap_ms, watermark_ms)
+        if ended:
+            closed += [(key[0], visit) for visit in ended]
+            changed[key] = kept or None
+    return closed, changed
+
+
 class VisitTracker:
     """The open visits of one partition.
 
@@ -250,14 +276,10 @@ class VisitTracker:
             visits = self._open.get(key)
             if not visits:
                 continue  # a stale entry: the key's visits were merged or closed already
-            kept = []
-            for visit in visits:
-                if visit.last_ms + gap < watermark_ms:
-                    closed.append((campaign_id, visit))
-                else:
-                    kept.append(visit)
-            if len(kept) < len(visits):
-                self._count -= len(visits) - len(kept)
+            ended, kept = _split_closed(visits, gap, watermark_ms)
+            if ended:
+                closed += [(campaign_id, visit) for visit in ended]
+                self._count -= len(ended)
                 self.dirty.add(key)
                 if kept:
                     self._open[key] = kept
