@@ -341,23 +341,27 @@ class RedisStore:
         plan = [len(index), *index.values()]
         # Each key encoded once, here: its commit writes most of them (see _fields).
         fields = self._fields[partition] = {}
-        wanted: defaultdict[int, list[VisitKey]] = defaultdict(list)
+        wanted: defaultdict[int, list[VisitKey]] = defaultdict(list)  # in scanned shards
+        lone: list[VisitKey] = []  # the others, each with its shard's key
+        lone_names: list[str] = []
         for key in needs.keys:
             name = encode_key(key)
             fields[key] = name, (shard := open_shard(name))
-            wanted[shard].append(key)
-        if not index and not wanted:
+            if shard in index:
+                wanted[shard].append(key)
+            else:
+                lone.append(key)
+                lone_names.append(name)
+                keys.append(open_keys[shard])
+        if not index and not lone:
             self._scans.pop(partition, None)  # nothing scanned: the commit only lowers bounds
             return {}
-        order: list[VisitKey] = []  # the keys asked, shard by shard: the reply's order
+        order: list[VisitKey] = []  # the keys asked: the reply's order
         for shard, some in wanted.items():
-            i = index.get(shard)
-            if i is None:
-                keys.append(open_keys[shard])
-                i = index[shard] = len(keys)
-            plan += (i, len(some))
+            plan += (index[shard], len(some))
             order += some
-        asked = [fields[key][0] for key in order]
+        asked = [fields[key][0] for key in order] + lone_names
+        order += lone
         args: list[int | bytes] = [needs.last_before_ms, orjson.dumps(plan), orjson.dumps(asked)]
         del wanted, asked  # big for big batches: only their JSON waits for the reply
         offset, scans, found = await self._fetch_script(keys=keys, args=args)
@@ -436,11 +440,10 @@ class RedisStore:
         self._add_sums(parts, delta)
         writes = redis_visits.write_plan(delta.visits, valid_scan, fields)
         del fields
-        if writes.shards:
+        if writes.shards or writes.lone:
             open_keys = self.open_keys(p)
-            visit_keys = [self.key(p, "due"), *[open_keys[s] for s in writes.shards]]
-            steps, strings = orjson.dumps(writes.steps), orjson.dumps(writes.strings)
-            parts.add("visits", visit_keys, steps, strings)
+            visit_keys = [self.key(p, "due"), *[open_keys[s] for s in writes.key_shards()]]
+            parts.add("visits", visit_keys, *writes.arguments())
         self._add_dedup(parts, p, roll, digests)
         head = [
             expected_offset,

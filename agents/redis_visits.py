@@ -28,16 +28,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+import orjson
+
 from stream.visits import Visit, VisitKey, encode_key, encode_visits
 
 OPEN_SHARDS: Final = 4096
 """Open-visit hashes per partition (a power of two). Changing it changes the layout."""
 
 # Fetch: KEYS[1] the meta hash, then shard hashes. ARGV[1] the due bound, ARGV[2] ``n, the key
-# indices of the n shards to scan, then per shard asked: key index, count`` and ARGV[3] the fields
-# asked, shard by shard (JSON). Returns the applied offset; per scanned shard its key index, the
-# smallest due time of the entries it keeps (-1: none) and the entries due before the bound
-# (field, value, ...); then per field asked, in order, its value (nil: none, or returned above).
+# indices of the n shards to scan, then per scanned shard asked: key index, count`` and ARGV[3]
+# the fields asked (JSON): those of scanned shards, shard by shard, then the lone ones. A lone
+# field is in a shard not scanned, with its own key (a shard's key is repeated for each of its
+# fields), after the scanned shards' keys: nearly every field of live traffic. Returns the
+# applied offset; per scanned shard its key index, the smallest due time of the entries it keeps
+# (-1: none) and the entries due before the bound (field, value, ...); then per field asked, in
+# order, its value (nil: none, or returned above).
 FETCH_LUA: Final = """
 local bound = tonumber(ARGV[1])
 local plan, asked = cjson.decode(ARGV[2]), cjson.decode(ARGV[3])
@@ -63,7 +68,7 @@ end
 local found, at = {}, 1  -- one value (or false) per field asked
 for i = 2 + plan[1], #plan, 2 do
   local last = at + plan[i + 1] - 1
-  if last == at then  -- one field: nearly always on live traffic (few keys per shard and step)
+  if last == at then  -- one field
     found[at] = (not taken[asked[at]]) and redis.call('HGET', KEYS[plan[i]], asked[at]) or false
   else
     for first = at, last, 1000 do  -- a shard's fields in one call (unpack is chunked)
@@ -76,21 +81,31 @@ for i = 2 + plan[1], #plan, 2 do
   end
   at = last + 1
 end
+local key_at = 1 + plan[1]
+for j = at, #asked do  -- the lone fields
+  key_at = key_at + 1
+  found[j] = redis.call('HGET', KEYS[key_at], asked[j]) or false
+end
 return {offset, scans, found}
 """
 
 # Write, a function of the commit's script (agents.redis_store): KEYS[base + 1] the due index, then
-# shard hashes. ``plan`` per shard ``key index (from base), shard, op, due, deletes, upserts`` and
-# ``strings`` shard by shard the fields to delete, then the fields and values to set (JSON). op 0:
-# leave the shard's bound, 1: lower it to due, 2: set it to due, 3: remove the shard from the index.
+# shard hashes. ``plan``: the number g of shards written one by one, then per such shard ``key
+# index (from base), shard, op, due, deletes, upserts``, then the shard of each lone entry (below).
+# ``strings``: those shards' fields to delete then fields and values to set, shard by shard, then
+# the lone entries' field and value. op 0: leave the shard's bound, 1: set it to due, 2: remove the
+# shard from the index. A lone entry is one upsert in a shard that was not scanned, with its own
+# key in KEYS (a shard's key is repeated for each of its entries): nearly every write of live
+# traffic. It lowers its shard's bound to its due time, the first number of its value (see
+# stream.visits.encode_visits), so that the worker sends no step and no due of its own for it.
 # ``chunked(list, fn)`` (defined by the script) calls ``fn`` on the list in slices: Lua's stack
 # holds a few thousand values.
 WRITE_LUA: Final = """
 local function write_visits(base, plan, strings)
   plan, strings = cjson.decode(plan), cjson.decode(strings)
-  local at, due_index = 1, KEYS[base + 1]
+  local at, due_index, last_step = 1, KEYS[base + 1], 1 + 6 * plan[1]
   local lower, set, remove = {}, {}, {}
-  for i = 1, #plan, 6 do
+  for i = 2, last_step, 6 do
     local key, shard, op, due = KEYS[base + plan[i]], plan[i + 1], plan[i + 2], plan[i + 3]
     local last = at + plan[i + 4] - 1
     if last >= at then  -- deletes are rare: no closure made for none
@@ -98,21 +113,27 @@ local function write_visits(base, plan, strings)
     end
     at = last + 1
     last = at + 2 * plan[i + 5] - 1
-    if last == at + 1 then  -- one entry: nearly always on live traffic
+    if last == at + 1 then  -- one entry
       redis.call('HSET', key, strings[at], strings[last])
     elseif last > at then
       chunked(strings, function(...) redis.call('HSET', key, ...) end, at, last)
     end
     at = last + 1
     if op == 1 then
-      lower[#lower + 1] = due
-      lower[#lower + 1] = shard
-    elseif op == 2 then
       set[#set + 1] = due
       set[#set + 1] = shard
-    elseif op == 3 then
+    elseif op == 2 then
       remove[#remove + 1] = shard
     end
+  end
+  local match, key_at = string.match, base + 1 + plan[1]
+  for i = last_step + 1, #plan do  -- the lone entries
+    local value = strings[at + 1]
+    key_at = key_at + 1
+    redis.call('HSET', KEYS[key_at], strings[at], value)
+    lower[#lower + 1] = match(value, '^%d+')
+    lower[#lower + 1] = plan[i]
+    at = at + 2
   end
   -- The index's changes, many shards per call (a call per shard was most of this time).
   chunked(lower, function(...) redis.call('ZADD', due_index, 'LT', ...) end)
@@ -121,7 +142,7 @@ local function write_visits(base, plan, strings)
 end
 """
 
-KEEP, LOWER, SET, REMOVE = 0, 1, 2, 3  # what a write does to its shard's bound
+KEEP, SET, REMOVE = 0, 1, 2  # what the writes of a shard written one by one do to its bound
 
 
 def open_shard(field_: str) -> int:
@@ -160,21 +181,36 @@ class WritePlan:
     """The arguments of :data:`WRITE_LUA` but the keys' names.
 
     Attributes:
-        shards: The shards written, in the order of their keys (``KEYS[base + 2]`` onwards).
-        steps: Per shard ``key index, shard, op, due, deletes, upserts`` (flat).
+        shards: The shards written one by one (scanned, or with deletes), in the order of their
+            keys (``KEYS[base + 2]`` onwards).
+        steps: Per such shard ``key index, shard, op, due, deletes, upserts`` (flat).
         strings: Shard by shard, the fields to delete, then the fields and values to set.
+        lone: The shard of each lone entry (an upsert in a shard not scanned), in the order of
+            their keys (after the shards').
+        lone_strings: Each lone entry's field and value.
     """
 
     shards: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     strings: list[str] = field(default_factory=list)
+    lone: list[int] = field(default_factory=list)
+    lone_strings: list[str] = field(default_factory=list)
 
     def add(self, shard: int, op: int, due: int, gone: list[str], up: list[str]) -> None:
-        """One shard's writes; ``due`` is its new bound (op :data:`LOWER` or :data:`SET`)."""
+        """One shard's writes; ``due`` is its new bound (op :data:`SET`)."""
         self.shards.append(shard)
         self.steps += (len(self.shards) + 1, shard, op, due, len(gone), len(up) // 2)
         self.strings += gone
         self.strings += up
+
+    def key_shards(self) -> list[int]:
+        """The shard of each key the script is given after the due index, in order."""
+        return self.shards + self.lone
+
+    def arguments(self) -> tuple[bytes, bytes]:
+        """The script's ``plan`` and ``strings`` (JSON)."""
+        plan = orjson.dumps([len(self.shards), *self.steps, *self.lone])
+        return plan, orjson.dumps(self.strings + self.lone_strings)
 
 
 def write_plan(
@@ -187,14 +223,17 @@ def write_plan(
     Args:
         changed: The commit's open visits (``None``: the key has none left).
         scan: The fetch made for this commit, when still valid (its offset is the stored one);
-            ``None`` only lowers bounds.
+            ``None``: no bound is set, writes only lower them.
         encoded: Keys already encoded (by the fetch), with their shards: the others are
             encoded here.
     """
     known = encoded or {}
+    scanned = scan.shards if scan is not None else {}
+    plan = WritePlan()
+    lone, lone_strings = plan.lone, plan.lone_strings
     gone: dict[int, list[str]] = {}
-    up: dict[int, list[str]] = {}
-    low: dict[int, int] = {}  # per shard, the smallest due time written
+    up: dict[int, list[str]] = {}  # upserts in scanned shards
+    low: dict[int, int] = {}  # per scanned shard, the smallest due time written
     for visit_key, visits in changed.items():
         named = known.get(visit_key)
         if named is None:
@@ -208,18 +247,18 @@ def write_plan(
                 gone[shard] = [field_]
             else:
                 fields.append(field_)
-            continue
-        due = visits[0].last_ms if len(visits) == 1 else min(v.last_ms for v in visits)
-        pairs = up.get(shard)
-        if pairs is None:  # nearly always: a step writes a few keys of each of 4,096 shards
-            up[shard] = [field_, encode_visits(visits)]
-            low[shard] = due
+        elif shard not in scanned:  # nearly always: the script lowers the bound from the value
+            lone.append(shard)
+            lone_strings += (field_, encode_visits(visits))
         else:
-            pairs += (field_, encode_visits(visits))
-            if due < low[shard]:
+            due = min(v.last_ms for v in visits)
+            pairs = up.get(shard)
+            if pairs is None:
+                up[shard] = [field_, encode_visits(visits)]
                 low[shard] = due
-    plan = WritePlan()
-    scanned = scan.shards if scan is not None else {}
+            else:
+                pairs += (field_, encode_visits(visits))
+                low[shard] = min(due, low[shard])
     for shard, seen in scanned.items():
         deletes, upserts = gone.pop(shard, []), up.pop(shard, [])
         rewritten = {*deletes, *upserts[::2]}  # a returned field changed can only be here
@@ -230,8 +269,6 @@ def write_plan(
             lows.append(low[shard])
         op, due = (SET, min(lows)) if lows else (REMOVE, 0)
         plan.add(shard, op, due, deletes, upserts)
-    for shard, pairs in up.items():
-        plan.add(shard, LOWER, low[shard], gone.pop(shard, []), pairs)
     for shard, fields in gone.items():
         plan.add(shard, KEEP, 0, fields, [])  # deletes alone: a bound may stay low
     return plan
