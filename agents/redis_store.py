@@ -64,9 +64,9 @@ from stream.watermark import Watermark
 from stream.windows import RETENTION_MS
 
 # The layout of a partition's keys (the meta hash's ``layout`` field). The unsharded one of the
-# 0.1.0 development versions had no such field, layout 2 kept counted ids in small sets; their
-# stores are not read (replay them instead).
-LAYOUT = "3"
+# 0.1.0 development versions had no such field, layout 2 kept counted ids in small sets, layout 3
+# open visits as ``last,duration,...`` text; their stores are not read (replay them instead).
+LAYOUT = "4"
 
 # Batches carry thousands of ids and members: redis-py encodes each command argument in Python,
 # so these scripts take them as ONE JSON argument and loop in Redis (cjson decodes in C).
@@ -383,7 +383,7 @@ class RedisStore:
         held = needs.held
         for raw, visits, seen in zip(returned, decoded[: len(returned)], at, strict=True):
             field_ = raw.decode()
-            seen.returned[field_] = visits[0].last_ms  # the text's first: its due time
+            seen.returned[field_] = visits[0].last_ms  # the text's first visit: its due time
             if (key := decode_key(field_)) not in held:
                 out[key] = visits
         out.update(zip(present, decoded[len(returned) :], strict=True))

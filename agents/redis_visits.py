@@ -3,8 +3,9 @@
 A partition's open visits are spread over :data:`OPEN_SHARDS` hashes ``kpi:{pP}:open:<shard>``
 by a CRC-32 of their visit key (:func:`open_shard`), so that each stays small enough for Redis's
 compact listpack encoding (about 45 bytes per visit instead of about 85 in one big hash table).
-A value is :func:`stream.visits.encode_visits`'s text, which starts with the earliest last event
-time of the key's visits: its *due* time (a visit may close once the watermark passes due + gap).
+A value is :func:`stream.visits.encode_visits`'s text, whose second number is the earliest last
+event time of the key's visits: its *due* time (a visit may close once the watermark passes due +
+gap).
 
 The sorted set ``kpi:{pP}:due`` scores each shard with a **lower bound** of its entries' due times,
 so that a step fetches only shards that may hold a visit to close, and in them only those entries
@@ -24,13 +25,13 @@ is never above the due time of any of its entries; a bound below them only costs
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 import orjson
 
-from stream.visits import Visit, VisitKey, encode_key, encode_visits
+from stream.visits import Visit, VisitKey, encode_key, encode_many
 
 OPEN_SHARDS: Final = 4096
 """Open-visit hashes per partition (a power of two). Changing it changes the layout."""
@@ -54,7 +55,7 @@ for i = 2, 1 + plan[1] do
   local all = redis.call('HGETALL', KEYS[k])
   local low, due_entries = -1, {}
   for j = 1, #all, 2 do
-    local due = tonum(match(all[j + 1], '^%d+'))
+    local due = tonum(match(all[j + 1], '^%d+,(%d+)'))
     if due < bound then
       due_entries[#due_entries + 1] = all[j]
       due_entries[#due_entries + 1] = all[j + 1]
@@ -93,13 +94,13 @@ return {offset, scans, found}
 # shard hashes. ``plan``: the number g of shards written one by one, then per such shard ``key
 # index (from base), shard, op, due, deletes, upserts``, then the shard of each lone entry (below).
 # ``strings``: those shards' fields to delete then fields and values to set, shard by shard, then
-# the lone entries' field and value. op 0: leave the shard's bound, 1: set it to due, 2: remove the
-# shard from the index. A lone entry is one upsert in a shard that was not scanned, with its own
-# key in KEYS (a shard's key is repeated for each of its entries): nearly every write of live
-# traffic. It lowers its shard's bound to its due time, the first number of its value (see
-# stream.visits.encode_visits), so that the worker sends no step and no due of its own for it.
-# ``chunked(list, fn)`` (defined by the script) calls ``fn`` on the list in slices: Lua's stack
-# holds a few thousand values.
+# the lone entries' fields, then their values. op 0: leave the shard's bound, 1: set it to due,
+# 2: remove the shard from the index. A lone entry is one upsert in a shard that was not scanned,
+# with its own key in KEYS (a shard's key is repeated for each of its entries): nearly every
+# write of live traffic. It lowers its shard's bound to its due time, the second number of its
+# value (see stream.visits.encode_visits), so that the worker sends no step and no due of its own
+# for it. ``chunked(list, fn)`` (defined by the script) calls ``fn`` on the list in slices: Lua's
+# stack holds a few thousand values.
 WRITE_LUA: Final = """
 local function write_visits(base, plan, strings)
   plan, strings = cjson.decode(plan), cjson.decode(strings)
@@ -126,14 +127,14 @@ local function write_visits(base, plan, strings)
       remove[#remove + 1] = shard
     end
   end
-  local match, key_at = string.match, base + 1 + plan[1]
-  for i = last_step + 1, #plan do  -- the lone entries
-    local value = strings[at + 1]
+  local match, key_at, lone = string.match, base + 1 + plan[1], #plan - last_step
+  for i = last_step + 1, #plan do  -- the lone entries: their fields, then their values
+    local value = strings[at + lone]
     key_at = key_at + 1
     redis.call('HSET', KEYS[key_at], strings[at], value)
-    lower[#lower + 1] = match(value, '^%d+')
+    lower[#lower + 1] = match(value, '^%d+,(%d+)')
     lower[#lower + 1] = plan[i]
-    at = at + 2
+    at = at + 1
   end
   -- The index's changes, many shards per call (a call per shard was most of this time).
   chunked(lower, function(...) redis.call('ZADD', due_index, 'LT', ...) end)
@@ -187,14 +188,16 @@ class WritePlan:
         strings: Shard by shard, the fields to delete, then the fields and values to set.
         lone: The shard of each lone entry (an upsert in a shard not scanned), in the order of
             their keys (after the shards').
-        lone_strings: Each lone entry's field and value.
+        lone_fields: Each lone entry's field.
+        lone_values: Each lone entry's value.
     """
 
     shards: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     strings: list[str] = field(default_factory=list)
     lone: list[int] = field(default_factory=list)
-    lone_strings: list[str] = field(default_factory=list)
+    lone_fields: list[str] = field(default_factory=list)
+    lone_values: list[str] = field(default_factory=list)
 
     def add(self, shard: int, op: int, due: int, gone: list[str], up: list[str]) -> None:
         """One shard's writes; ``due`` is its new bound (op :data:`SET`)."""
@@ -210,7 +213,7 @@ class WritePlan:
     def arguments(self) -> tuple[bytes, bytes]:
         """The script's ``plan`` and ``strings`` (JSON)."""
         plan = orjson.dumps([len(self.shards), *self.steps, *self.lone])
-        return plan, orjson.dumps(self.strings + self.lone_strings)
+        return plan, orjson.dumps(self.strings + self.lone_fields + self.lone_values)
 
 
 def write_plan(
@@ -228,12 +231,10 @@ def write_plan(
             encoded here.
     """
     known = encoded or {}
-    scanned = scan.shards if scan is not None else {}
-    plan = WritePlan()
-    lone, lone_strings = plan.lone, plan.lone_strings
     gone: dict[int, list[str]] = {}
-    up: dict[int, list[str]] = {}  # upserts in scanned shards
-    low: dict[int, int] = {}  # per scanned shard, the smallest due time written
+    fields: list[str] = []  # the upserts'
+    shards: list[int] = []
+    lists: list[list[Visit]] = []
     for visit_key, visits in changed.items():
         named = known.get(visit_key)
         if named is None:
@@ -242,33 +243,58 @@ def write_plan(
         else:
             field_, shard = named
         if visits is None:
-            fields = gone.get(shard)
-            if fields is None:
+            deletes = gone.get(shard)
+            if deletes is None:
                 gone[shard] = [field_]
             else:
-                fields.append(field_)
-        elif shard not in scanned:  # nearly always: the script lowers the bound from the value
-            lone.append(shard)
-            lone_strings += (field_, encode_visits(visits))
+                deletes.append(field_)
         else:
-            due = min(v.last_ms for v in visits)
-            pairs = up.get(shard)
-            if pairs is None:
-                up[shard] = [field_, encode_visits(visits)]
-                low[shard] = due
-            else:
-                pairs += (field_, encode_visits(visits))
-                low[shard] = min(due, low[shard])
+            fields.append(field_)
+            shards.append(shard)
+            lists.append(visits)
+    values = encode_many(lists)  # all at once, in C
+    plan = WritePlan()
+    if scan is None or not scan.shards:  # no bound to set: each upsert is a lone entry
+        plan.lone, plan.lone_fields, plan.lone_values = shards, fields, values
+    else:
+        _plan_scanned(plan, scan.shards, gone, zip(fields, shards, values, lists, strict=True))
+    for shard, deletes in gone.items():
+        plan.add(shard, KEEP, 0, deletes, [])  # deletes alone: a bound may stay low
+    return plan
+
+
+def _plan_scanned(
+    plan: WritePlan,
+    scanned: Mapping[int, ScannedShard],
+    gone: dict[int, list[str]],
+    upserts: Iterable[tuple[str, int, str, list[Visit]]],
+) -> None:
+    """Plan the upserts (field, shard, value, visits) with the shards a fetch scanned: each
+    scanned shard is written one by one, its bound set from all it holds after the commit (its
+    deletes are taken from ``gone``); the others' upserts are lone entries."""
+    up: dict[int, list[str]] = {}  # upserts in scanned shards
+    low: dict[int, int] = {}  # per scanned shard, the smallest due time written
+    for field_, shard, value, visits in upserts:
+        if shard not in scanned:
+            plan.lone.append(shard)
+            plan.lone_fields.append(field_)
+            plan.lone_values.append(value)
+            continue
+        due = min(v.last_ms for v in visits)
+        pairs = up.get(shard)
+        if pairs is None:
+            up[shard] = [field_, value]
+            low[shard] = due
+        else:
+            pairs += (field_, value)
+            low[shard] = min(due, low[shard])
     for shard, seen in scanned.items():
-        deletes, upserts = gone.pop(shard, []), up.pop(shard, [])
-        rewritten = {*deletes, *upserts[::2]}  # a returned field changed can only be here
+        deletes, upserted = gone.pop(shard, []), up.pop(shard, [])
+        rewritten = {*deletes, *upserted[::2]}  # a returned field changed can only be here
         lows = [due for f, due in seen.returned.items() if f not in rewritten]
         if seen.kept_low_ms is not None:
             lows.append(seen.kept_low_ms)
         if shard in low:
             lows.append(low[shard])
         op, due = (SET, min(lows)) if lows else (REMOVE, 0)
-        plan.add(shard, op, due, deletes, upserts)
-    for shard, fields in gone.items():
-        plan.add(shard, KEEP, 0, fields, [])  # deletes alone: a bound may stay low
-    return plan
+        plan.add(shard, op, due, deletes, upserted)

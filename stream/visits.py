@@ -20,12 +20,13 @@ VisitKey = tuple[str, str]
 """``(campaign_id, visitor_id)``."""
 
 
-class Visit(msgspec.Struct, gc=False):
+class Visit(msgspec.Struct, gc=False, array_like=True):
     """An open or closed visit: its time span and what happened in it.
 
     Never tracked by the garbage collector (``gc=False``: its fields are ints, it cannot be part
     of a cycle): a step loads thousands, and the collector would walk each one still alive at
-    each young collection.
+    each young collection. In JSON (msgspec) an array of its fields, in order (``array_like``):
+    the store's text (:func:`encode_visits`) is made and read by msgspec in C.
     """
 
     first_ms: int
@@ -76,48 +77,49 @@ def decode_key(field: str) -> VisitKey:
 
 
 def encode_visits(visits: list[Visit]) -> str:
-    """Open visits as compact text: ``last,duration,page_views,interactions,events;...``.
-
-    Ordered by last event time, so the text starts with the earliest one: the time after which
-    (plus the gap) one of these visits may close. The store reads that number without decoding
-    the rest (times in epoch ms, durations in ms).
+    """Open visits as compact text: the JSON of their list, ordered by last event time, without
+    its outer brackets: ``first,last,page_views,interactions,events],[first,...`` (times in epoch
+    ms). Its second number is thus the earliest last event time: the time after which (plus the
+    gap) one of these visits may close. The store reads that number without decoding the rest.
     """
-    if len(visits) == 1:  # nearly always: one open visit per key
-        v = visits[0]
-        return f"{v.last_ms},{v.last_ms - v.first_ms},{v.page_views},{v.interactions},{v.events}"
-    return ";".join(
-        f"{v.last_ms},{v.last_ms - v.first_ms},{v.page_views},{v.interactions},{v.events}"
-        for v in sorted(visits, key=lambda v: v.last_ms)
-    )
+    return encode_many([visits])[0]
+
+
+def _last_ms(visit: Visit) -> int:
+    return visit.last_ms
+
+
+# msgspec's JSON, shared (a Visit is a JSON array: see Visit).
+_ENCODE: Final = msgspec.json.Encoder().encode
+_DECODE_MANY: Final = msgspec.json.Decoder(list[list[Visit]]).decode
+
+
+def encode_many(lists: Sequence[list[Visit]]) -> list[str]:
+    """:func:`encode_visits` of each of ``lists`` (none empty), encoded together in one C call:
+    the JSON of all is cut where one list ends and the next starts (``]],[[`` occurs nowhere
+    else)."""
+    if not lists:
+        return []
+    ordered = [v if len(v) == 1 else sorted(v, key=_last_ms) for v in lists]
+    return _ENCODE(ordered)[3:-3].decode().split("]],[[")
 
 
 def decode_visits(text: str) -> list[Visit]:
     """Inverse of :func:`encode_visits` (the visits in the text's order): the format's reference;
     the store reads its values with :func:`decode_many`."""
     visits = []
-    for part in text.split(";"):
-        last, duration, page_views, interactions, events = map(int, part.split(","))
-        visits.append(Visit(last - duration, last, page_views, interactions, events))
+    for part in text.split("],["):
+        first, last, page_views, interactions, events = map(int, part.split(","))
+        visits.append(Visit(first, last, page_views, interactions, events))
     return visits
 
 
-# What :func:`decode_many` parses: a list of texts, each a list of rows, one row per visit.
-_ROWS: Final = msgspec.json.Decoder(list[list[tuple[int, int, int, int, int]]])
-
-
 def decode_many(texts: Sequence[bytes]) -> list[list[Visit]]:
-    """:func:`decode_visits` of each of ``texts`` (UTF-8), parsed together in one C call: the
-    texts become one JSON array (each ``;`` closes a row, each text a list of rows)."""
+    """:func:`decode_visits` of each of ``texts`` (UTF-8), parsed together in one C call: with
+    their brackets back, they are one JSON array of lists of visits."""
     if not texts:
         return []
-    rows = _ROWS.decode(b"[[[" + b"]],[[".join(texts).replace(b";", b"],[") + b"]]]")
-    return [
-        [
-            Visit(last - duration, last, page_views, interactions, events)
-            for last, duration, page_views, interactions, events in visits
-        ]
-        for visits in rows
-    ]
+    return _DECODE_MANY(b"[[[" + b"]],[[".join(texts) + b"]]]")
 
 
 # Page views and interactions one event of each type adds to its visit (ints: stored as counts).

@@ -80,8 +80,8 @@ def steps(plan: redis_visits.WritePlan) -> dict[int, tuple[int, int]]:
     (several to the smallest)."""
     s = plan.steps
     ops = {s[i + 1]: (s[i + 2], s[i + 3]) for i in range(0, len(s), 6)}
-    for shard, value in zip(plan.lone, plan.lone_strings[1::2], strict=True):
-        due = int(value.split(",")[0])
+    for shard, value in zip(plan.lone, plan.lone_values, strict=True):
+        due = int(value.split(",")[1])
         op, bound = ops.get(shard, (LOWER, due))
         assert op in (KEEP, LOWER)  # a shard's deletes may be beside its lone entries
         ops[shard] = (LOWER, min(due, bound) if op == LOWER else due)
