@@ -267,15 +267,13 @@ class PartitionState:
         tracker = self.visits
         untouched = self._untouched = []  # this step's only
         touched = needs.touched if needs is not None else None
-        if touched is None:
-            tracker.load_many((key, found) for key, found in visits.items() if key not in tracker)
-            return
         tracked = []
         for key, found in visits.items():
-            if key in touched:
-                if key not in tracker:
-                    tracked.append((key, found))
-            elif key not in tracker:
+            if key in tracker:
+                continue
+            if touched is None or key in touched:
+                tracked.append((key, found))
+            else:
                 untouched.append((key, found))
         tracker.load_many(tracked)
 
@@ -365,8 +363,7 @@ class PartitionState:
         if decoded:
             self.watermark.arrived(now_s)
         delta.seen = list(batch_seen)
-        self._close(self.watermark.watermark_ms)
-        return self._finish(delta, held, self._close_untouched(self.watermark.watermark_ms))
+        return self._finish(delta, held)
 
     def idle_advance(self, now_s: float) -> Delta | None:
         """Move the watermark with the wall clock when idle; the delta of visits it closes."""
@@ -375,8 +372,7 @@ class PartitionState:
             self._untouched = []  # loaded for nothing: never closed by a later step
             return None
         delta = Delta(self.partition, self.offset, self.watermark)
-        self._close(self.watermark.watermark_ms)
-        return self._finish(delta, held, self._close_untouched(self.watermark.watermark_ms))
+        return self._finish(delta, held)
 
     def _reject(self, delta: Delta, record: Record, rejection: Rejection) -> None:
         delta.dead_letters.append(DeadLetter(record, rejection))
@@ -477,9 +473,11 @@ class PartitionState:
                 windows[(*bucket, INTERACTIONS)] += interactions
                 windows[(*bucket, DURATION_MS)] += duration_ms
 
-    def _finish(
-        self, delta: Delta, held: int, untouched: dict[VisitKey, list[Visit] | None]
-    ) -> Delta:
+    def _finish(self, delta: Delta, held: int) -> Delta:
+        """Close what the step's last watermark closes, and fill the delta from the step."""
+        watermark_ms = self.watermark.watermark_ms
+        self._close(watermark_ms)
+        untouched = self._close_untouched(watermark_ms)
         tally, self._tally = self._tally, {}
         for (campaign, event_type), n in tally.items():
             delta.counters[campaign, EVENT_COUNTERS[event_type]] += n
