@@ -393,14 +393,6 @@ class PartitionState:
             tally[key] += 1
         except KeyError:
             tally[key] = 1
-        # Distinct counts go to the finest bucket only; _finish fills the coarser ones from it.
-        start = ts_ms - ts_ms % _FINEST_MS
-        uniques = delta.uniques
-        members = uniques.get(unique_key := (campaign, UNIQUE_VISITORS, _FINEST_MS, start))
-        if members is None:
-            uniques[unique_key] = {visitor}
-        else:
-            members.add(visitor)
         if event_type is _PARTICIPATION:
             self._unique(delta, campaign, UNIQUE_PARTICIPATING_VISITORS, ts_ms, visitor)
             identity = participant_hash(self.identity_key, event)
@@ -409,6 +401,7 @@ class PartitionState:
         watermark_ms = watermark.watermark_ms
         if watermark_ms >= 0 and ts_ms < watermark_ms - self._lateness_ms:
             delta.pipeline["late"] += 1
+            self._unique(delta, campaign, UNIQUE_VISITORS, ts_ms, visitor)
             return
         visits = self.visits
         if visits.due(ts_ms if ts_ms > watermark_ms else watermark_ms):
@@ -417,7 +410,19 @@ class PartitionState:
             watermark.watermark_ms = ts_ms
         if ts_ms > watermark.newest_event_ms:  # not implied: an idle advance moves only the first
             watermark.newest_event_ms = ts_ms
-        visits.add(campaign, visitor, ts_ms, event_type)
+        if visits.add(campaign, visitor, ts_ms, event_type, _FINEST_MS):
+            # The visit it extends has an event in the same finest bucket: the visitor is in
+            # that bucket's distinct count (and so in the coarser ones) already, added by this
+            # step or, before an earlier step's commit, by it.
+            return
+        # Distinct counts go to the finest bucket only; _finish fills the coarser ones from it.
+        uniques = delta.uniques
+        start = ts_ms - ts_ms % _FINEST_MS
+        members = uniques.get(unique_key := (campaign, UNIQUE_VISITORS, _FINEST_MS, start))
+        if members is None:
+            uniques[unique_key] = {visitor}
+        else:
+            members.add(visitor)
 
     @staticmethod
     def _unique(delta: Delta, campaign: str, kind: str, ts_ms: int, member: str) -> None:

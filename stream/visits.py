@@ -224,8 +224,16 @@ class VisitTracker:
             for entry in entries:
                 heapq.heappush(heap, entry)
 
-    def add(self, campaign_id: str, visitor_id: str, ts_ms: int, event_type: EventType) -> None:
-        """Add one event (already known not to be late) to its visit."""
+    def add(
+        self, campaign_id: str, visitor_id: str, ts_ms: int, event_type: EventType, bucket_ms: int
+    ) -> bool:
+        """Add one event (already known not to be late) to its visit.
+
+        Returns:
+            Whether the visit it extends already had an event (its first or its last) in the
+            event's ``bucket_ms``-aligned bucket: then the visitor was seen in that bucket
+            before. ``False`` when not known (a new visit, or a key with several).
+        """
         key = (campaign_id, visitor_id)
         page_views, interactions = _COUNTS[event_type]
         visits = self._open.get(key)
@@ -234,6 +242,10 @@ class VisitTracker:
             one = visits[0]
             if one.first_ms - gap <= ts_ms <= one.last_ms + gap:
                 # The common case: the event extends the visitor's one open visit, in place.
+                start = ts_ms - ts_ms % bucket_ms
+                seen = start <= one.last_ms < start + bucket_ms or (
+                    start <= one.first_ms < start + bucket_ms
+                )
                 one.page_views += page_views
                 one.interactions += interactions
                 one.events += 1
@@ -242,7 +254,7 @@ class VisitTracker:
                     one.first_ms = ts_ms
                 elif ts_ms > one.last_ms:
                     one.last_ms = ts_ms  # a later deadline: its heap entry stays a lower bound
-                return
+                return seen
         new = Visit(ts_ms, ts_ms, page_views, interactions, 1)
         if visits is None:
             self._open[key] = [new]
@@ -261,6 +273,7 @@ class VisitTracker:
             self._open[key] = kept
         self.dirty.add(key)
         heapq.heappush(self._deadlines, (new.last_ms + self.gap_ms, campaign_id, visitor_id))
+        return False
 
     def due(self, watermark_ms: int) -> bool:
         """Whether :meth:`close_until` ``watermark_ms`` may close something (a cheap test)."""

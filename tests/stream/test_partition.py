@@ -391,6 +391,41 @@ def test_distinct_counts_hash_participants() -> None:
     assert len(delta.uniques) == 3 * len(WINDOWS)
 
 
+def test_a_visitor_seen_in_the_bucket_by_its_visit_is_not_added_again() -> None:
+    # Two steps with a restart from the store between. In the second, the event in the same
+    # minute as the visit's first adds nothing: that event added the visitor, before its
+    # step's commit. The event a minute later adds it to its minute's bucket (and, from it, to
+    # the coarser ones). The store's distinct counts are those of every event.
+    store = MemoryStore()
+    st_ = run(load_state(store))
+    run(process(store, st_, [record(0, event("e0", ts=H_MS + 1_000, visitor_id="a"))], NOW_S))
+    st_ = run(load_state(store))
+    second = [
+        record(1, event("e1", ts=H_MS + 50_000, visitor_id="a")),  # same minute: seen
+        record(2, event("e2", ts=H_MS + MIN_MS, visitor_id="a")),  # next minute: not yet
+    ]
+    needs = st_.visit_needs(decode(second), NOW_S)
+    st_.load_visits(run(store.visits(0, needs)), needs)
+    delta = st_.apply(decode(second), set(), NOW_S, needs)
+    finest = WINDOWS[0].bucket_ms
+    assert ("c1", UNIQUE_VISITORS, finest, H_MS) not in delta.uniques
+    assert delta.uniques[("c1", UNIQUE_VISITORS, finest, H_MS + MIN_MS)] == {"a"}
+    run(store.add_uniques(delta.uniques))
+    assert run(store.commit(delta, 0, 86_400_000))
+    assert store.uniques[("c1", UNIQUE_VISITORS, finest, H_MS)] == {"a"}
+    assert store.uniques[("c1", UNIQUE_VISITORS, finest, H_MS + MIN_MS)] == {"a"}
+
+
+def test_a_late_event_is_counted_distinct_though_it_joins_no_visit() -> None:
+    st_ = state()
+    apply(st_, [record(0, event("e0", ts=H_MS + GAP_MS, visitor_id="a"))])
+    late = H_MS + GAP_MS - LATE_MS - MIN_MS
+    delta = apply(st_, [record(1, event("e1", ts=late, visitor_id="b"))])
+    assert delta.pipeline["late"] == 1
+    finest = WINDOWS[0].bucket_ms
+    assert delta.uniques[("c1", UNIQUE_VISITORS, finest, bucket_start(late, finest))] == {"b"}
+
+
 # --- Idle advance ------------------------------------------------------------------------------
 
 

@@ -30,12 +30,13 @@ PV, IA, PA, SH = (
     EventType.SHARE,
 )
 NEVER = 10**15  # a watermark past every deadline
+BUCKET = 250  # for "seen in the bucket" (less than the gap: a visit spans several)
 
 
 def tracker_with(events: list[tuple[int, EventType]], key: str = "v") -> VisitTracker:
     tracker = VisitTracker(GAP)
     for ts, kind in events:
-        tracker.add("c", key, ts, kind)
+        tracker.add("c", key, ts, kind, 1)
     return tracker
 
 
@@ -99,9 +100,9 @@ def test_grouping(events: list[tuple[int, EventType]], visits: list[list[int]]) 
 
 def test_keys_are_independent() -> None:
     tracker = VisitTracker(GAP)
-    tracker.add("c", "a", 0, PV)
-    tracker.add("c", "b", 10, PV)  # other visitor: its own visit
-    tracker.add("d", "a", 20, PV)  # other campaign: its own visit
+    tracker.add("c", "a", 0, PV, 1)
+    tracker.add("c", "b", 10, PV, 1)  # other visitor: its own visit
+    tracker.add("d", "a", 20, PV, 1)  # other campaign: its own visit
     assert len(tracker) == 3
     closed = tracker.close_until(NEVER)
     assert sorted(campaign for campaign, _ in closed) == ["c", "c", "d"]
@@ -127,7 +128,7 @@ def test_closes_strictly_after_last_plus_gap(watermark_ms: int, closes: bool) ->
 
 def test_extended_visit_closes_on_its_new_deadline_only() -> None:
     tracker = tracker_with([(0, PV)])
-    tracker.add("c", "v", 800, IA)  # extends the deadline from 1000 to 1800
+    tracker.add("c", "v", 800, IA, 1)  # extends the deadline from 1000 to 1800
     assert tracker.close_until(GAP + 1) == []  # the old deadline is stale
     (closed,) = tracker.close_until(800 + GAP + 1)
     assert closed == ("c", Visit(0, 800, 1, 1, 2))
@@ -239,7 +240,7 @@ def test_load_restores_open_visits_and_their_deadlines() -> None:
     assert len(tracker) == 2
     assert [v.first_ms for v in tracker.get(("c", "v")) or []] == [0, 5000]  # sorted
     assert tracker.take_dirty() == {}  # loading is not a change
-    tracker.add("c", "v", 150, IA)  # joins the loaded visit
+    tracker.add("c", "v", 150, IA, 1)  # joins the loaded visit
     assert [v.pack() for v in tracker.get(("c", "v")) or []] == [
         [0, 150, 1, 2, 3],
         [5000, 5000, 1, 0, 1],
@@ -250,7 +251,7 @@ def test_load_restores_open_visits_and_their_deadlines() -> None:
 
 def test_take_dirty_reports_changes_once() -> None:
     tracker = tracker_with([(0, PV)], key="a")
-    tracker.add("c", "b", 0, PV)
+    tracker.add("c", "b", 0, PV, 1)
     assert tracker.take_dirty() == {
         ("c", "a"): [Visit(0, 0, 1, 0, 1)],
         ("c", "b"): [Visit(0, 0, 1, 0, 1)],
@@ -263,8 +264,8 @@ def test_take_dirty_reports_changes_once() -> None:
 def test_stale_deadlines_are_compacted_without_losing_visits() -> None:
     tracker = VisitTracker(GAP)
     for ts in range(0, 5000 * 10, 10):  # one long visit, extended 5000 times
-        tracker.add("c", "v", ts, IA)
-    tracker.add("c", "w", 0, PV)
+        tracker.add("c", "v", ts, IA, 1)
+    tracker.add("c", "w", 0, PV, 1)
     assert tracker.close_until(GAP + 1) == [("c", Visit(0, 0, 1, 0, 1))]
     assert len(tracker._deadlines) <= 2 * len(tracker) + 1024  # compacted
     ((_, closed),) = tracker.close_until(NEVER)
@@ -320,9 +321,13 @@ def test_no_event_lost_and_open_visits_stay_apart(
     added = 0
     closed: list[ClosedVisit] = []
     watermark = 0
+    buckets: dict[str, set[int]] = {}  # per visitor, the buckets of its events added
     for op, visitor, value, kind in steps:
         if op == "add":
-            tracker.add("c", visitor, value, kind)
+            if tracker.add("c", visitor, value, kind, BUCKET):
+                # "seen in the bucket" only when one of the visitor's events was
+                assert value // BUCKET in buckets[visitor]
+            buckets.setdefault(visitor, set()).add(value // BUCKET)
             added += 1
         else:
             watermark += value
@@ -338,3 +343,14 @@ def test_no_event_lost_and_open_visits_stay_apart(
     closed += tracker.close_until(NEVER)
     assert sum(v.events for _, v in closed) == added
     assert len(tracker) == 0
+
+
+def test_add_says_whether_the_visit_had_an_event_in_the_bucket() -> None:
+    tracker = VisitTracker(GAP)
+    assert not tracker.add("c", "v", 1_050, PV, 100)  # a new visit: not known
+    assert tracker.add("c", "v", 1_099, IA, 100)  # its first (and last) event's bucket
+    assert not tracker.add("c", "v", 1_100, IA, 100)  # the next bucket: not seen there yet
+    assert tracker.add("c", "v", 1_000, IA, 100)  # its first event's bucket (first moves back)
+    assert not tracker.add("c", "v", 1_450, IA, 100)  # between: [1100, 1199] was, not [1400,)
+    tracker.close_until(NEVER)
+    assert not tracker.add("c", "v", 1_460, PV, 100)  # its visit closed: a new one
