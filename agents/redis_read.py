@@ -107,6 +107,21 @@ Hash = dict[bytes, bytes]
 """A hash as read: ``field -> value``."""
 
 
+def touched(before: Hash, after: Hash) -> list[bytes] | None:
+    """The names of the hashes of sums (``cnt``, ``pipe``, ``w:<bucket_ms>:<start_ms>``) that
+    changed between two reads of a partition's ``meta``, when one commit made the difference:
+    its script names them in ``touched``, with the commit count it left (``rev``). ``None`` when
+    not known: several commits, or one that did not name them (a worker of an older release
+    leaves ``touched`` behind with an older ``rev``)."""
+    names, rev = after.get(b"touched"), before.get(b"rev")
+    if names is None or rev is None:
+        return None
+    after_rev, *changed = names.split()
+    if after_rev != after.get(b"rev") or int(after_rev) != int(rev) + 1:
+        return None
+    return changed
+
+
 @dataclass(slots=True)
 class _Partition:
     """One partition's hashes as read (raw: parsed when added up), valid while its ``meta`` is
@@ -167,6 +182,7 @@ class SnapshotReader:
         self._fields = _Fields()
         self._marker: bytes | None = None
         self._parts: dict[int, _Partition] = {}
+        self._buckets: list[Bucket] = []  # the windows' buckets as of the last read
         self._counts: dict[DistinctKey, _Count] = {}
         self._sums: _Sums | None = None
         self._snapshot: KpiSnapshot | None = None
@@ -212,25 +228,47 @@ class SnapshotReader:
     async def _read_partitions(
         self, metas: list[dict[bytes, bytes]], buckets: list[Bucket], now: float
     ) -> bool:
-        """Read the hashes of the partitions whose ``meta`` changed, and the window buckets
-        not read yet; returns whether anything was read."""
+        """Read the hashes of the partitions whose ``meta`` changed (those the one commit since
+        changed, if known: see :func:`touched`), and the window buckets not read yet; returns
+        whether anything was read."""
         plan: list[tuple[_Partition, str | Bucket]] = []
         fresh: dict[int, _Partition] = {}  # cached once read: a failed read leaves no hole
+        moved = buckets != self._buckets  # else every cached partition holds every bucket
         async with self.redis.pipeline(transaction=False) as pipe:
             for p, meta in enumerate(metas):
                 part = self._parts.get(p)
-                if part is None or part.meta != meta or now >= part.read_at + self.max_age_s:
+                changed = None if part is None else touched(part.meta, meta)
+                if (
+                    part is None
+                    or now >= part.read_at + self.max_age_s
+                    or (part.meta != meta and changed is None)
+                ):
                     part = fresh[p] = _Partition(meta, now)
                     for name in ("cnt", "pipe"):
                         pipe.hgetall(self.keys.key(p, name))
                         plan.append((part, name))
-                else:  # unchanged: keep the buckets still in a window
+                elif part.meta == meta:  # unchanged: keep the buckets still in a window
+                    if not moved:
+                        continue
                     part.buckets = {b: part.buckets[b] for b in buckets if b in part.buckets}
+                else:  # one commit since: read again what it changed
+                    kept = {b: part.buckets[b] for b in buckets if b in part.buckets}
+                    part = fresh[p] = _Partition(
+                        meta, part.read_at, part.counters, part.pipeline, kept
+                    )
+                    for raw in changed or ():
+                        if raw in (b"cnt", b"pipe"):
+                            pipe.hgetall(self.keys.key(p, raw.decode()))
+                            plan.append((part, raw.decode()))
+                        else:  # read again below, if still in a window
+                            _, bucket_ms, start_ms = raw.split(b":")
+                            kept.pop((int(bucket_ms), int(start_ms)), None)
                 for bucket in buckets:
                     if bucket not in part.buckets:
                         pipe.hgetall(self.keys.key(p, f"w:{bucket[0]}:{bucket[1]}"))
                         plan.append((part, bucket))
             replies = await pipe.execute() if plan else []
+        self._buckets = buckets
         for (part, what), reply in zip(plan, replies, strict=True):
             if what == "cnt":
                 part.counters = reply
@@ -239,7 +277,7 @@ class SnapshotReader:
             elif isinstance(what, tuple):
                 part.buckets[what] = reply
         self._parts.update(fresh)
-        return bool(plan)
+        return bool(plan or fresh)  # a new meta alone changes offsets and watermarks
 
     def _add_up(self, newest_ms: int) -> _Sums:
         """Every partition's counters, pipeline totals and window sums, added up.

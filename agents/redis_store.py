@@ -97,7 +97,9 @@ return changed
 # KEYS[1] the meta hash, KEYS[2] the window-bucket index, then each part's keys in order.
 # ARGV[1] (JSON): the fence (the applied offset, the commit count ``rev`` (-1: not checked) and the
 # dedup generations the commit was computed on), meta's new fields, the oldest window bucket kept
-# (text), and the parts, ``[name, keys, args]`` each; then the parts' arguments in order.
+# (text), the parts, ``[name, keys, args]`` each, and the names of the hashes of sums the commit
+# changes (``cnt pipe w:<bucket_ms>:<start_ms> ...``, for readers); then the parts' arguments in
+# order.
 # Returns false when fenced out, else the new ``rev`` and the window buckets past retention: the
 # next commit deletes them (a script may touch only the keys it is given).
 _COMMIT_LUA = (
@@ -141,9 +143,10 @@ local stored = redis.call('HMGET', meta, 'offset', 'rev', 'seen')
 if tonumber(stored[1] or -1) ~= head[1] then return false end
 if head[2] >= 0 and tonumber(stored[2] or 0) ~= head[2] then return false end
 if (stored[3] or '') ~= head[3] then return false end
--- ``rev`` changes with every commit: readers cache a partition while its meta is the same.
+-- ``rev`` changes with every commit: readers cache a partition while its meta is the same, and
+-- after one commit re-read only the hashes it names in ``touched``, with its ``rev``.
 local rev = redis.call('HINCRBY', meta, 'rev', 1)
-redis.call('HSET', meta, unpack(head[4]))
+redis.call('HSET', meta, 'touched', rev .. ' ' .. head[7], unpack(head[4]))
 local base, at = 2, 2
 for _, part in ipairs(head[6]) do
   local name, count = part[1], part[2]
@@ -437,7 +440,7 @@ class RedisStore:
         parts = _Parts([self.key(p, "meta"), self.key(p, "wb")])
         if expired:
             parts.add("expired", expired)
-        self._add_sums(parts, delta)
+        touched = self._add_sums(parts, delta)
         writes = redis_visits.write_plan(delta.visits, valid_scan, fields)
         del fields
         if writes.shards or writes.lone:
@@ -452,6 +455,7 @@ class RedisStore:
             meta,
             str(wm.newest_event_ms - RETENTION_MS),  # the oldest window bucket kept
             parts.parts,
+            " ".join(touched),
         ]
         reply = await self._commit_script(keys=parts.keys, args=[orjson.dumps(head), *parts.args])
         if not reply:
@@ -472,10 +476,12 @@ class RedisStore:
         known = dict(zip(asked, each, strict=True))
         return b"".join([known.get(i) or digest(i) for i in counted])
 
-    def _add_sums(self, parts: _Parts, delta: Delta) -> None:
+    def _add_sums(self, parts: _Parts, delta: Delta) -> list[str]:
         """The part of the counters, pipeline totals and window sums (see ``apply`` in
-        :data:`_COMMIT_LUA`): per hash, increments, marks and window start."""
+        :data:`_COMMIT_LUA`): per hash, increments, marks and window start. Returns the names
+        of the hashes it changes (see :func:`agents.redis_read.touched`)."""
         p = delta.partition
+        names: list[str] = []
         keys: list[str] = []
         ops: list[tuple[list[str], list[str], int]] = []
         counters = [
@@ -486,6 +492,7 @@ class RedisStore:
         pipeline = [x for name, n in delta.pipeline.items() for x in (name, str(n))]
         for name, increments in (("cnt", counters), ("pipe", pipeline)):
             if increments:
+                names.append(name)
                 keys.append(self.key(p, name))
                 ops.append((increments, [], -1))
         buckets: dict[tuple[int, int], tuple[list[str], list[str]]] = {}
@@ -499,10 +506,12 @@ class RedisStore:
             else:
                 bucket[0].extend((f"{campaign}{SEP}{name}", str(value)))
         for (bucket_ms, start_ms), (increments, marks) in buckets.items():
-            keys.append(self.key(p, f"w:{bucket_ms}:{start_ms}"))
+            names.append(name := f"w:{bucket_ms}:{start_ms}")
+            keys.append(self.key(p, name))
             ops.append((increments, marks, start_ms))
         if ops:
             parts.add("apply", keys, orjson.dumps(ops))
+        return names
 
     def _add_dedup(self, parts: _Parts, p: int, roll: redis_dedup.Roll, digests: bytes) -> None:
         """The parts of the counted ids: the generations dropped, the ids appended."""

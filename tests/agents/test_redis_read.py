@@ -161,11 +161,37 @@ async def test_only_the_partitions_that_committed_are_read_again(
     await apply(store, page_views(1, ("c2", b[1], H_MS), partition=1), partitions=2)
     before = await calls(redis, "hgetall")
     snap = await store.read()
-    # Both metas, then partition 1's counters, pipeline totals and window buckets only.
-    buckets = sum(spec.buckets for spec in WINDOWS)
-    assert await calls(redis, "hgetall") - before == 2 + 2 + buckets
+    # Both metas, then what the one commit since changed in partition 1 only: its counters,
+    # pipeline totals and the window buckets of its event (one per bucket size).
+    assert await calls(redis, "hgetall") - before == 2 + 2 + len(WINDOWS)
     assert (snap.counters["c1"]["page_views"], snap.counters["c2"]["page_views"]) == (2, 1)
     assert snap.pipeline["processed"] == 3
+    assert snap == await RedisStore(redis, 2, store.prefix).read()  # as a first read sees it
+    # Two commits since the last read: which hashes changed is not known, all are read again.
+    await apply(store, page_views(2, ("c2", b[1], H_MS + 1), partition=1), partitions=2)
+    await apply(store, page_views(3, ("c1", b[0], H_MS + 2), partition=1), partitions=2)
+    before = await calls(redis, "hgetall")
+    snap = await store.read()
+    buckets = sum(spec.buckets for spec in WINDOWS)
+    assert await calls(redis, "hgetall") - before == 2 + 2 + buckets
+    assert (snap.counters["c1"]["page_views"], snap.counters["c2"]["page_views"]) == (3, 2)
+    assert snap == await RedisStore(redis, 2, store.prefix).read()
+
+
+async def test_a_commit_that_does_not_name_what_it_changed_makes_a_full_read(
+    store: RedisStore, redis: Redis
+) -> None:
+    # A worker of an older release commits without ``touched``: the field left behind names
+    # the commit before (its rev), so the reader cannot trust it and reads everything.
+    await apply(store, page_views(0, ("c1", "a", H_MS)))
+    assert (await store.read()).counters["c1"]["page_views"] == 1
+    meta = store.key(0, "meta")
+    await redis.hincrby(meta, "rev", 1)
+    hour_before = H_MS - H_MS % 3_600_000 - 3_600_000  # in the 24h window; not in ``touched``
+    await redis.hincrby(store.key(0, f"w:3600000:{hour_before}"), "c1\x1fpage_views", 1)
+    snap = await store.read()
+    assert snap.windows["c1", "24h"].sums["page_views"] == 1
+    assert snap == await RedisStore(redis, 1, store.prefix).read()
 
 
 async def test_a_partition_written_behind_its_meta_is_read_again_after_the_max_age(
