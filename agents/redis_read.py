@@ -7,7 +7,11 @@ process:
 
 - **each partition's hashes** (counters, pipeline totals, window buckets), valid while the
   partition's ``meta`` hash is unchanged: every commit rewrites ``meta`` in its script and
-  increments its ``rev`` field there, so an unchanged ``meta`` is an unchanged partition;
+  increments its ``rev`` field there, so an unchanged ``meta`` is an unchanged partition. The
+  commit also names there the hashes it changed (``touched``, with the ``rev`` it left), so
+  that a reader one commit behind re-reads only those (see :func:`touched`): a live campaign
+  commits every partition several times a second, and a scrape read all of a partition's
+  ~45 window buckets again for each;
 - **each distinct count**, keyed by ``(campaign, window, kind)`` with the starts of the buckets
   it covered (those holding data) and the campaign's *distinct-count version*: a counter that
   the ``PFADD`` script of :class:`~agents.redis_store.RedisStore` increments, in the same script

@@ -6,7 +6,8 @@ Key design (``P`` a partition, ``C`` a campaign; ``{...}`` is the Redis Cluster 
 key                                    holds                                            type
 =====================================  ===============================================  =======
 ``kpi:{pP}:meta``                      applied offset, watermark, newest event time,    hash
-                                       commit count (``rev``), layout, dedup generations
+                                       commit count (``rev``), layout, dedup generations,
+                                       the hashes of sums the last commit changed
 ``kpi:{pP}:cnt``                       ``C\\x1f<counter>`` -> total                      hash
 ``kpi:{pP}:pipe``                      pipeline counters                                hash
 ``kpi:{pP}:open:<shard>``              visit key -> due time and open visits (text)     hash
