@@ -241,7 +241,7 @@ class SnapshotReader:
         async with self.redis.pipeline(transaction=False) as pipe:
             for p, meta in enumerate(metas):
                 part = self._parts.get(p)
-                changed = None if part is None else touched(part.meta, meta)
+                changed = None if part is None or part.meta == meta else touched(part.meta, meta)
                 if (
                     part is None
                     or now >= part.read_at + self.max_age_s

@@ -483,7 +483,6 @@ class RedisStore:
         of the hashes it changes (see :func:`agents.redis_read.touched`)."""
         p = delta.partition
         names: list[str] = []
-        keys: list[str] = []
         ops: list[tuple[list[str], list[str], int]] = []
         counters = [
             x
@@ -494,7 +493,6 @@ class RedisStore:
         for name, increments in (("cnt", counters), ("pipe", pipeline)):
             if increments:
                 names.append(name)
-                keys.append(self.key(p, name))
                 ops.append((increments, [], -1))
         buckets: dict[tuple[int, int], tuple[list[str], list[str]]] = {}
         for (bucket_ms, start_ms, campaign, name), value in delta.windows.items():
@@ -507,11 +505,10 @@ class RedisStore:
             else:
                 bucket[0].extend((f"{campaign}{SEP}{name}", str(value)))
         for (bucket_ms, start_ms), (increments, marks) in buckets.items():
-            names.append(name := f"w:{bucket_ms}:{start_ms}")
-            keys.append(self.key(p, name))
+            names.append(f"w:{bucket_ms}:{start_ms}")
             ops.append((increments, marks, start_ms))
         if ops:
-            parts.add("apply", keys, orjson.dumps(ops))
+            parts.add("apply", [self.key(p, name) for name in names], orjson.dumps(ops))
         return names
 
     def _add_dedup(self, parts: _Parts, p: int, roll: redis_dedup.Roll, digests: bytes) -> None:

@@ -415,14 +415,7 @@ class PartitionState:
             # that bucket's distinct count (and so in the coarser ones) already, added by this
             # step or, before an earlier step's commit, by it.
             return
-        # Distinct counts go to the finest bucket only; _finish fills the coarser ones from it.
-        uniques = delta.uniques
-        start = ts_ms - ts_ms % _FINEST_MS
-        members = uniques.get(unique_key := (campaign, UNIQUE_VISITORS, _FINEST_MS, start))
-        if members is None:
-            uniques[unique_key] = {visitor}
-        else:
-            members.add(visitor)
+        self._unique(delta, campaign, UNIQUE_VISITORS, ts_ms, visitor)
 
     @staticmethod
     def _unique(delta: Delta, campaign: str, kind: str, ts_ms: int, member: str) -> None:
