@@ -229,8 +229,8 @@ class RedisStore:
         # Per partition, the last look-up's ids and their digests: its commit stores those of
         # the ids it counted (hashing each id once per step, not twice).
         self._digests: dict[int, tuple[Sequence[str], list[bytes]]] = {}
-        # Per partition, the keys its last fetch asked for, encoded, with their shards: its
-        # commit writes most of them.
+        # Per partition, the keys its last fetch asked for or returned as due, encoded, with their
+        # shards: its commit writes most of them.
         self._fields: dict[int, dict[VisitKey, tuple[str, int]]] = {}
         # Per partition, the window buckets past retention its last commit found: its next
         # commit deletes them.
@@ -374,22 +374,25 @@ class RedisStore:
         # The values, all decoded together (decode_many): the due entries', then those asked.
         returned: list[bytes] = []
         values: list[bytes] = []
-        at: list[ScannedShard] = []
+        at: list[tuple[ScannedShard, int]] = []
         for i, low, entries in scans:
-            seen = scan.shards[shard_at[i]] = ScannedShard(None if low < 0 else low)
-            returned += entries[::2]
-            values += entries[1::2]
-            at += [seen] * (len(entries) // 2)
+            shard = shard_at[i]
+            seen = scan.shards[shard] = ScannedShard(None if low < 0 else low)
+            if entries:
+                returned += entries[::2]
+                values += entries[1::2]
+                at += [(seen, shard)] * (len(entries) // 2)
         present = [key for key, value in zip(order, found, strict=True) if value is not None]
         values += [value for value in found if value is not None]
         decoded = decode_many(values)
         out: dict[VisitKey, list[Visit]] = {}
         held = needs.held
-        for raw, visits, seen in zip(returned, decoded[: len(returned)], at, strict=True):
+        for raw, visits, (seen, shard) in zip(returned, decoded[: len(returned)], at, strict=True):
             field_ = raw.decode()
             seen.returned[field_] = visits[0].last_ms  # the text's first visit: its due time
             if (key := decode_key(field_)) not in held:
                 out[key] = visits
+                fields[key] = field_, shard  # mostly closed by the step: its commit deletes it
         out.update(zip(present, decoded[len(returned) :], strict=True))
         self._scans[partition] = scan
         return out

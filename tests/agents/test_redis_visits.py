@@ -189,8 +189,9 @@ async def test_commits_across_thousands_of_shards(redis_server: EmbeddedRedis) -
                 if open_shard(encode_key(k)) == shard
             ]
             assert scores[str(shard).encode()] == min(left)
-        await put(store, dict.fromkeys(keys), fetch_first=3000)
+        await put(store, dict.fromkeys(keys), fetch_first=3000)  # all due: all deleted
         assert await client.zcard(store.key(0, "due")) == 0
+        assert not await client.exists(*(store.key(0, f"open:{shard}") for shard in shards))
     finally:
         await client.aclose()
 
