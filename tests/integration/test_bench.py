@@ -12,6 +12,7 @@ from agents.bench import (
     create_topics,
     envelopes,
     latency,
+    print_table,
     produce,
     produce_to_visible,
     simulated_events,
@@ -65,3 +66,45 @@ def test_a_worker_rate_is_timed_from_its_first_fetch(
     elapsed = time.perf_counter() - started  # the worker's start and group join included
     # Timed from its first fetch, not from its first commit: never the events over no time.
     assert len(events) / elapsed < rate < float("inf")
+
+
+def test_the_table_says_whether_each_target_is_met_by_the_unrounded_figure(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    latency_at = {
+        "achieved_events_per_s": 40_000.0,
+        "new_visitor_share": 0.2,
+        "p50_s": 0.9,
+        "p99_s": 2.004,  # prints as 2,004 ms
+        "unseen": 0,
+    }
+    print_table(
+        {
+            "machine": "x86_64, 2 cores",
+            "events": 500_000,
+            "lean_events_per_s": 165_075.0,
+            "lean_runs": [165_075.0],
+            "faust_idiomatic_records_per_s": 3_000.0,
+            "worker_single_events_per_s": 15_000.0,
+            "ratio_single_vs_faust": 5.0,
+            "worker_envelope_events_per_s": 82_536.0,
+            "worker_envelope_runs": [82_536.0],
+            "ratio_envelope_vs_lean": 0.49998,  # prints as 0.50
+            "two_workers_envelope_events_per_s": 100_000.0,
+            "latency": {**latency_at, "share_of_envelope_rate": 0.5},
+            "latency_quarter": {**latency_at, "share_of_envelope_rate": 0.25},
+            "memory": {
+                "bytes_per_open_visit": 300.4,  # prints as 300
+                "worker_bytes_per_visit": 200.0,
+                "redis_bytes_per_visit": 100.4,
+                "open_visits": 1_000_000,
+            },
+            "metrics_render": {"median_s": 0.1, "first_s": 0.2, "campaigns": 1_000},
+        }
+    )
+    table = capsys.readouterr().out
+    assert "0.50 x lean (target >= 0.5: not met)" in table
+    assert "5.00 x faust-idiomatic (target >= 5: met)" in table
+    assert "target p99 <= 2 s: not met" in table
+    assert "300 bytes" in table and "(target <= 300: not met)" in table
+    assert "100.0 ms" in table and "(target <= 100 ms: met)" in table
