@@ -1,4 +1,5 @@
-"""``kpi bench``'s latency measurement: every tick counted, on traffic of a running campaign."""
+"""``kpi bench``: its latency measurement (every tick counted, on traffic of a running campaign),
+its worker rate, and its table's verdict on each target."""
 
 from __future__ import annotations
 
