@@ -126,6 +126,11 @@ def touched(before: Hash, after: Hash) -> list[bytes] | None:
     return changed
 
 
+def _in_windows(held: dict[Bucket, Hash], buckets: list[Bucket]) -> dict[Bucket, Hash]:
+    """The buckets of ``held`` still among the windows' ``buckets``."""
+    return {b: held[b] for b in buckets if b in held}
+
+
 @dataclass(slots=True)
 class _Partition:
     """One partition's hashes as read (raw: parsed when added up), valid while its ``meta`` is
@@ -239,38 +244,40 @@ class SnapshotReader:
         fresh: dict[int, _Partition] = {}  # cached once read: a failed read leaves no hole
         moved = buckets != self._buckets  # else every cached partition holds every bucket
         async with self.redis.pipeline(transaction=False) as pipe:
+
+            def read(p: int, part: _Partition, what: str | Bucket) -> None:
+                name = what if isinstance(what, str) else f"w:{what[0]}:{what[1]}"
+                pipe.hgetall(self.keys.key(p, name))
+                plan.append((part, what))
+
             for p, meta in enumerate(metas):
-                part = self._parts.get(p)
-                changed = None if part is None or part.meta == meta else touched(part.meta, meta)
-                if (
-                    part is None
-                    or now >= part.read_at + self.max_age_s
-                    or (part.meta != meta and changed is None)
-                ):
-                    part = fresh[p] = _Partition(meta, now)
-                    for name in ("cnt", "pipe"):
-                        pipe.hgetall(self.keys.key(p, name))
-                        plan.append((part, name))
-                elif part.meta == meta:  # unchanged: keep the buckets still in a window
+                cached = self._parts.get(p)
+                if cached is not None and now >= cached.read_at + self.max_age_s:
+                    cached = None  # too old: read whole again
+                if cached is not None and cached.meta == meta:  # unchanged
                     if not moved:
-                        continue
-                    part.buckets = {b: part.buckets[b] for b in buckets if b in part.buckets}
-                else:  # one commit since: read again what it changed
-                    kept = {b: part.buckets[b] for b in buckets if b in part.buckets}
-                    part = fresh[p] = _Partition(
-                        meta, part.read_at, part.counters, part.pipeline, kept
-                    )
-                    for raw in changed or ():
+                        continue  # it holds every bucket of the windows already
+                    cached.buckets = _in_windows(cached.buckets, buckets)
+                    part = cached
+                else:
+                    changed = None if cached is None else touched(cached.meta, meta)
+                    if cached is None or changed is None:  # read whole
+                        part = fresh[p] = _Partition(meta, now)
+                        changed = [b"cnt", b"pipe"]
+                    else:  # one commit since: read again what it changed
+                        kept = _in_windows(cached.buckets, buckets)
+                        part = fresh[p] = _Partition(
+                            meta, cached.read_at, cached.counters, cached.pipeline, kept
+                        )
+                    for raw in changed:
                         if raw in (b"cnt", b"pipe"):
-                            pipe.hgetall(self.keys.key(p, raw.decode()))
-                            plan.append((part, raw.decode()))
+                            read(p, part, raw.decode())
                         else:  # read again below, if still in a window
                             _, bucket_ms, start_ms = raw.split(b":")
-                            kept.pop((int(bucket_ms), int(start_ms)), None)
+                            part.buckets.pop((int(bucket_ms), int(start_ms)), None)
                 for bucket in buckets:
                     if bucket not in part.buckets:
-                        pipe.hgetall(self.keys.key(p, f"w:{bucket[0]}:{bucket[1]}"))
-                        plan.append((part, bucket))
+                        read(p, part, bucket)
             replies = await pipe.execute() if plan else []
         self._buckets = buckets
         for (part, what), reply in zip(plan, replies, strict=True):
