@@ -393,7 +393,10 @@ class RedisStore:
             if (key := decode_key(field_)) not in held:
                 out[key] = visits
                 fields[key] = field_, shard  # mostly closed by the step: its commit deletes it
-        out.update(zip(present, decoded[len(returned) :], strict=True))
+        asked_found = decoded[len(returned) :]
+        out.update(zip(present, asked_found, strict=True))
+        # Each text's first visit has its due time (see stream.visits.encode_visits).
+        scan.dues = {k: visits[0].last_ms for k, visits in zip(present, asked_found, strict=True)}
         self._scans[partition] = scan
         return out
 

@@ -13,7 +13,11 @@ so that a step fetches only shards that may hold a visit to close, and in them o
 is never above the due time of any of its entries; a bound below them only costs an extra scan:
 
 - writing an entry lowers its shard's bound to the entry's due time if that is lower
-  (``ZADD LT``), so a write never leaves a due time below its bound;
+  (``ZADD LT``), so a write never leaves a due time below its bound. A rewrite of an entry the
+  fetch read with a due time not above the new one lowers nothing: the bound is not above the
+  stored due time already, and the commit's fence guarantees nothing was written in between
+  (on live traffic most writes are such rewrites, and each lowering costs Redis a sorted-set
+  update);
 - a scan reports, per shard, the smallest due time of the entries it did not return, and the
   partition's applied offset. The commit that follows sets the shard's bound to the smallest due
   time of: those entries, the returned ones it did not rewrite or delete, and the ones it writes
@@ -92,15 +96,17 @@ return {offset, scans, found}
 
 # Write, a function of the commit's script (agents.redis_store): KEYS[base + 1] the due index, then
 # shard hashes. ``plan``: the number g of shards written one by one, then per such shard ``key
-# index (from base), shard, op, due, deletes, upserts``, then the shard of each lone entry (below).
+# index (from base), shard, op, due, deletes, upserts``, then the number l of lone entries that
+# lower their shard's bound, then the shard of each lone entry (below), those l first.
 # ``strings``: those shards' fields to delete then fields and values to set, shard by shard, then
 # the lone entries' fields, then their values. op 0: leave the shard's bound, 1: set it to due,
 # 2: remove the shard from the index. A lone entry is one upsert in a shard that was not scanned,
 # with its own key in KEYS (a shard's key is repeated for each of its entries): nearly every
-# write of live traffic. It lowers its shard's bound to its due time, the second number of its
-# value (see stream.visits.encode_visits), so that the worker sends no step and no due of its own
-# for it. ``chunked(list, fn)`` (defined by the script) calls ``fn`` on the list in slices: Lua's
-# stack holds a few thousand values.
+# write of live traffic. One of the first l lowers its shard's bound to its due time, the second
+# number of its value (see stream.visits.encode_visits), so that the worker sends no step and no
+# due of its own for it. The others rewrite a key whose stored due time, as the fetch read it,
+# is not above their own: the bound is at most that already. ``chunked(list, fn)`` (defined by
+# the script) calls ``fn`` on the list in slices: Lua's stack holds a few thousand values.
 WRITE_LUA: Final = """
 local function write_visits(base, plan, strings)
   plan, strings = cjson.decode(plan), cjson.decode(strings)
@@ -127,13 +133,16 @@ local function write_visits(base, plan, strings)
       remove[#remove + 1] = shard
     end
   end
-  local match, key_at, lone = string.match, base + 1 + plan[1], #plan - last_step
-  for i = last_step + 1, #plan do  -- the lone entries: their fields, then their values
+  local match, key_at, lone = string.match, base + 1 + plan[1], #plan - last_step - 1
+  local lowering = last_step + 1 + plan[last_step + 1]
+  for i = last_step + 2, #plan do  -- the lone entries: their fields, then their values
     local value = strings[at + lone]
     key_at = key_at + 1
     redis.call('HSET', KEYS[key_at], strings[at], value)
-    lower[#lower + 1] = match(value, '^%d+,(%d+)')
-    lower[#lower + 1] = plan[i]
+    if i <= lowering then
+      lower[#lower + 1] = match(value, '^%d+,(%d+)')
+      lower[#lower + 1] = plan[i]
+    end
     at = at + 1
   end
   -- The index's changes, many shards per call (a call per shard was most of this time).
@@ -166,15 +175,19 @@ class ScannedShard:
 
 @dataclass(slots=True)
 class Scan:
-    """A fetch's view of the due shards, for the commit after it to raise their bounds.
+    """A fetch's view of the due shards and of the keys it found, for the commit after it: it
+    raises the shards' bounds, and lowers none for a key rewritten with a due time not below the
+    one it was read with.
 
     Attributes:
         offset: The partition's applied offset when fetched.
         shards: Scanned shard -> what was seen.
+        dues: Key asked and found -> the due time of its stored value.
     """
 
     offset: int
     shards: dict[int, ScannedShard] = field(default_factory=dict)
+    dues: dict[VisitKey, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -187,9 +200,10 @@ class WritePlan:
         steps: Per such shard ``key index, shard, op, due, deletes, upserts`` (flat).
         strings: Shard by shard, the fields to delete, then the fields and values to set.
         lone: The shard of each lone entry (an upsert in a shard not scanned), in the order of
-            their keys (after the shards').
+            their keys (after the shards'): those that lower their shard's bound first.
         lone_fields: Each lone entry's field.
         lone_values: Each lone entry's value.
+        lowering: How many of the lone entries, the first ones, lower their shard's bound.
     """
 
     shards: list[int] = field(default_factory=list)
@@ -198,6 +212,7 @@ class WritePlan:
     lone: list[int] = field(default_factory=list)
     lone_fields: list[str] = field(default_factory=list)
     lone_values: list[str] = field(default_factory=list)
+    lowering: int = 0
 
     def add(self, shard: int, op: int, due: int, gone: list[str], up: list[str]) -> None:
         """One shard's writes; ``due`` is its new bound (op :data:`SET`)."""
@@ -212,7 +227,7 @@ class WritePlan:
 
     def arguments(self) -> tuple[bytes, bytes]:
         """The script's ``plan`` and ``strings`` (JSON)."""
-        plan = orjson.dumps([len(self.shards), *self.steps, *self.lone])
+        plan = orjson.dumps([len(self.shards), *self.steps, self.lowering, *self.lone])
         return plan, orjson.dumps(self.strings + self.lone_fields + self.lone_values)
 
 
@@ -226,13 +241,14 @@ def write_plan(
     Args:
         changed: The commit's open visits (``None``: the key has none left).
         scan: The fetch made for this commit, when still valid (its offset is the stored one);
-            ``None``: no bound is set, writes only lower them.
+            ``None``: no bound is set, and every write lowers its shard's bound.
         encoded: Keys already encoded (by the fetch), with their shards: the others are
             encoded here.
     """
     known = encoded or {}
     gone: dict[int, list[str]] = {}
-    fields: list[str] = []  # the upserts'
+    keys: list[VisitKey] = []  # the upserts'
+    fields: list[str] = []
     shards: list[int] = []
     lists: list[list[Visit]] = []
     for visit_key, visits in changed.items():
@@ -249,38 +265,76 @@ def write_plan(
             else:
                 deletes.append(field_)
         else:
+            keys.append(visit_key)
             fields.append(field_)
             shards.append(shard)
             lists.append(visits)
     values = encode_many(lists)  # all at once, in C
     plan = WritePlan()
-    if scan is None or not scan.shards:  # no bound to set: each upsert is a lone entry
+    upserts = zip(keys, fields, shards, values, lists, strict=True)
+    if scan is None:  # nothing known of the store: each upsert is a lone entry that lowers
         plan.lone, plan.lone_fields, plan.lone_values = shards, fields, values
+        plan.lowering = len(shards)
+    elif not scan.shards:
+        _plan_lone(plan, upserts, scan.dues)
     else:
-        _plan_scanned(plan, scan.shards, gone, zip(fields, shards, values, lists, strict=True))
+        _plan_lone(plan, _plan_scanned(plan, scan.shards, gone, upserts), scan.dues)
     for shard, deletes in gone.items():
         plan.add(shard, KEEP, 0, deletes, [])  # deletes alone: a bound may stay low
     return plan
+
+
+_Upsert = tuple[VisitKey, str, int, str, list[Visit]]
+"""An upsert to plan: its key, field, shard, value and visits."""
+
+
+def _due(visits: list[Visit]) -> int:
+    """The due time of a key's visits: their earliest last event time."""
+    return visits[0].last_ms if len(visits) == 1 else min(v.last_ms for v in visits)
+
+
+def _plan_lone(plan: WritePlan, upserts: Iterable[_Upsert], dues: Mapping[VisitKey, int]) -> None:
+    """Plan ``upserts`` as lone entries. One lowers its shard's bound unless its key was found by
+    the fetch (``dues``) with a due time not above the one it is written with: the bound is not
+    above the stored entry's due time, and a valid scan means nothing was committed since."""
+    lowering: list[int] = []
+    lowering_fields: list[str] = []
+    lowering_values: list[str] = []
+    rest: list[int] = []
+    rest_fields: list[str] = []
+    rest_values: list[str] = []
+    for key, field_, shard, value, visits in upserts:
+        stored = dues.get(key)
+        if stored is not None and _due(visits) >= stored:
+            rest.append(shard)
+            rest_fields.append(field_)
+            rest_values.append(value)
+        else:
+            lowering.append(shard)
+            lowering_fields.append(field_)
+            lowering_values.append(value)
+    plan.lone, plan.lone_fields = lowering + rest, lowering_fields + rest_fields
+    plan.lone_values, plan.lowering = lowering_values + rest_values, len(lowering)
 
 
 def _plan_scanned(
     plan: WritePlan,
     scanned: Mapping[int, ScannedShard],
     gone: dict[int, list[str]],
-    upserts: Iterable[tuple[str, int, str, list[Visit]]],
-) -> None:
-    """Plan the upserts (field, shard, value, visits) with the shards a fetch scanned: each
-    scanned shard is written one by one, its bound set from all it holds after the commit (its
-    deletes are taken from ``gone``); the others' upserts are lone entries."""
+    upserts: Iterable[_Upsert],
+) -> list[_Upsert]:
+    """Plan the upserts with the shards a fetch scanned: each scanned shard is written one by
+    one, its bound set from all it holds after the commit (its deletes are taken from ``gone``).
+    Returns the other upserts, to plan as lone entries."""
+    lone: list[_Upsert] = []
     up: dict[int, list[str]] = {}  # upserts in scanned shards
     low: dict[int, int] = {}  # per scanned shard, the smallest due time written
-    for field_, shard, value, visits in upserts:
+    for upsert in upserts:
+        _, field_, shard, value, visits = upsert
         if shard not in scanned:
-            plan.lone.append(shard)
-            plan.lone_fields.append(field_)
-            plan.lone_values.append(value)
+            lone.append(upsert)
             continue
-        due = min(v.last_ms for v in visits)
+        due = _due(visits)
         pairs = up.get(shard)
         if pairs is None:
             up[shard] = [field_, value]
@@ -298,3 +352,4 @@ def _plan_scanned(
             lows.append(low[shard])
         op, due = (SET, min(lows)) if lows else (REMOVE, 0)
         plan.add(shard, op, due, deletes, upserted)
+    return lone

@@ -12,6 +12,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from unittest.mock import ANY
 
 import orjson
 import pytest
@@ -76,11 +77,15 @@ LOWER = -1  # what a lone entry does to its shard's bound (in the script, from i
 
 
 def steps(plan: redis_visits.WritePlan) -> dict[int, tuple[int, int]]:
-    """Shard -> (op, bound) of a plan; lone entries lower their shard's bound to their due time
-    (several to the smallest)."""
+    """Shard -> (op, bound) of a plan; the first ``plan.lowering`` lone entries lower their shard's
+    bound to their due time (several to the smallest), the others leave it (KEEP)."""
     s = plan.steps
     ops = {s[i + 1]: (s[i + 2], s[i + 3]) for i in range(0, len(s), 6)}
-    for shard, value in zip(plan.lone, plan.lone_values, strict=True):
+    lone = zip(plan.lone, plan.lone_values, strict=True)
+    for i, (shard, value) in enumerate(lone):
+        if i >= plan.lowering:
+            ops.setdefault(shard, (KEEP, 0))
+            continue
         due = int(value.split(",")[1])
         op, bound = ops.get(shard, (LOWER, due))
         assert op in (KEEP, LOWER)  # a shard's deletes may be beside its lone entries
@@ -128,6 +133,26 @@ def test_a_scanned_shards_bound(
     )
     delta = {keys[f]: (None if d is None else one(d)) for f, d in changed.items()}
     assert steps(write_plan(delta, scan))[0] == bound
+
+
+@pytest.mark.parametrize(
+    ("stored", "written", "bound"),
+    [
+        pytest.param(None, 500, (LOWER, 500), id="a new key lowers"),
+        pytest.param(400, 500, (KEEP, 0), id="a later due: the bound is below already"),
+        pytest.param(500, 500, (KEEP, 0), id="the same due"),
+        pytest.param(500, 300, (LOWER, 300), id="an earlier visit (a late event) lowers"),
+    ],
+)
+def test_a_lone_rewrite_lowers_its_bound_only_below_the_due_it_was_read_with(
+    few_shards: None, stored: int | None, written: int, bound: tuple[int, int]
+) -> None:
+    key = key_in(1)
+    scan = Scan(7, {0: ScannedShard(900)}, {} if stored is None else {key: stored})
+    visits = one(written) if stored is None or written >= stored else [*one(written), *one(stored)]
+    assert steps(write_plan({key: visits}, scan))[1] == bound
+    assert steps(write_plan({key: visits}, Scan(7, {}, scan.dues)))[1] == bound  # none scanned
+    assert steps(write_plan({key: visits}, None))[1] == (LOWER, written)  # no fetch: lowers
 
 
 # --- In Redis ----------------------------------------------------------------------------------
@@ -207,6 +232,31 @@ async def test_a_stale_bound_costs_a_scan_never_a_close(store: RedisStore) -> No
     assert await bound(store, 0) == 500
     assert await store.visits(0, VisitNeeds([], 600)) == {b: one(500)}
     assert await store.visits(0, VisitNeeds([], 1000)) == {a: one(900, 100), b: one(500)}
+
+
+async def test_a_rewrite_lowers_its_shards_bound_only_when_its_due_time_falls(
+    store: RedisStore,
+) -> None:
+    """A key the fetch found and the commit rewrites leaves the bound alone when its due time
+    did not fall; a late event that opens an earlier visit for it makes it fall: then the bound
+    follows, or that visit would close only when the later one does."""
+    a, b = key_in(0), key_in(0, 1)
+    await put(store, {a: one(500), b: one(800)})
+    assert await bound(store, 0) == 500
+
+    async def rewrite(visits: list[Visit]) -> None:
+        snapshot = await store.load(0)
+        assert await store.visits(0, VisitNeeds([a], 0)) == {a: ANY}  # found, nothing scanned
+        delta = Delta(0, snapshot.offset + 1, Watermark(0, 0))
+        delta.visits = {a: visits}
+        assert await store.commit(delta, snapshot.offset, 86_400_000)
+
+    await rewrite(one(900, 100))
+    assert await bound(store, 0) == 500  # left: still below every due time in the shard
+    both = [Visit(200, 300, 1, 0, 1), Visit(100, 900, 2, 0, 2)]  # a late event's visit first
+    await rewrite(both)
+    assert await bound(store, 0) == 300
+    assert await store.visits(0, VisitNeeds([], 400)) == {a: both}
 
 
 async def test_a_due_visit_left_open_keeps_its_shard_due(store: RedisStore) -> None:
