@@ -275,10 +275,9 @@ def write_plan(
     if scan is None:  # nothing known of the store: each upsert is a lone entry that lowers
         plan.lone, plan.lone_fields, plan.lone_values = shards, fields, values
         plan.lowering = len(shards)
-    elif not scan.shards:
-        _plan_lone(plan, upserts, scan.dues)
     else:
-        _plan_lone(plan, _plan_scanned(plan, scan.shards, gone, upserts), scan.dues)
+        lone = _plan_scanned(plan, scan.shards, gone, upserts) if scan.shards else upserts
+        _plan_lone(plan, lone, scan.dues)
     for shard, deletes in gone.items():
         plan.add(shard, KEEP, 0, deletes, [])  # deletes alone: a bound may stay low
     return plan
