@@ -4,15 +4,20 @@ its worker rate, and its table's verdict on each target."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from agents.bench import (
     create_topics,
     envelopes,
     latency,
+    lean,
     print_table,
     produce,
     produce_to_visible,
@@ -53,6 +58,34 @@ def test_latency_runs_on_a_running_campaign_and_counts_every_tick(
     # it, nearly every timed event would be a new visitor's (0.95 measured).
     assert 0.2 < result["new_visitor_share"] < 0.7
     assert 1500 < result["achieved_events_per_s"] < 2500
+
+
+@pytest.mark.integration
+def test_the_lean_ceiling_counts_every_event_of_single_and_enveloped_records(
+    broker: EmbeddedBroker,
+) -> None:
+    events = simulated_events(3_000)
+    asyncio.run(create_topics(broker.bootstrap, ["lean-single", "lean-envelope"]))
+    single = [(str(e["visitor_id"]).encode(), None, orjson.dumps(e)) for e in events]
+    asyncio.run(produce(broker.bootstrap, "lean-single", single))
+    enveloped = [(None, p, v) for p, v in envelopes(events)]
+    asyncio.run(produce(broker.bootstrap, "lean-envelope", enveloped))
+    for topic in ("lean-single", "lean-envelope"):
+        env = {
+            **os.environ,
+            "BENCH_BOOTSTRAP": broker.bootstrap,
+            "BENCH_TOPIC": topic,
+            "BENCH_GROUP": f"lean-test-{topic}",
+            "BENCH_RECORDS": str(len(events)),
+        }
+        out = subprocess.run(
+            [sys.executable, "-m", "agents.bench_lean"], env=env, capture_output=True, timeout=120
+        )
+        _, counted, seconds = out.stdout.decode().split()
+        assert int(counted) == len(events)
+        assert float(seconds) > 0
+    # The bench's figure: the same loop in a process of its own, as events/s.
+    assert 0 < lean(broker.bootstrap, "lean-single", len(events)) < float("inf")
 
 
 @pytest.mark.integration
