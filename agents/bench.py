@@ -736,7 +736,8 @@ def print_table(r: dict[str, Any]) -> None:
             "two workers, envelope (4 partitions each)",
             f"{r['two_workers_envelope_events_per_s']:,.0f} events/s",
             f"{r['two_workers_envelope_events_per_s'] / r['worker_envelope_events_per_s']:.2f}"
-            " x one worker (2 cores shared with the broker, Redis and the bench)",
+            f" x one worker, {r['two_workers_envelope_events_per_s'] / r['lean_events_per_s']:.2f}"
+            " x lean (2 cores shared with the broker, Redis and the bench)",
         ),
         *(_latency_row(r[name]) for name in ("latency", "latency_quarter")),
         (

@@ -138,6 +138,7 @@ def test_the_table_says_whether_each_target_is_met_by_the_unrounded_figure(
     )
     table = capsys.readouterr().out
     assert "0.50 x lean (target >= 0.5: not met)" in table
+    assert "1.21 x one worker, 0.61 x lean" in table  # two workers, against both
     assert "5.00 x faust-idiomatic (target >= 5: met)" in table
     assert "target p99 <= 2 s: not met" in table
     assert "300 bytes" in table and "(target <= 300: not met)" in table
