@@ -131,22 +131,25 @@ async def produce(
 
 def lean(bootstrap: str, topic: str, expected: int) -> float:
     """The ceiling (``bench_lean``), in a process of its own. Returns events/s."""
-    env = {"BENCH_GROUP": f"lean-{secrets.token_hex(4)}"}
-    return _baseline("agents.bench_lean", bootstrap, topic, expected, env)
+    group = {"BENCH_GROUP": f"lean-{secrets.token_hex(4)}"}
+    return _baseline("agents.bench_lean", bootstrap, topic, expected, group)
 
 
 def faust_idiomatic(bootstrap: str, topic: str, records: int, workdir: Path) -> float:
     """The per-event Faust agent with a table increment. Returns records/s."""
-    env = {
+    extra = {
         "BENCH_GROUP": f"faust-idiomatic-{secrets.token_hex(4)}",
         "BENCH_PARTITIONS": str(PARTITIONS),
         "BENCH_DATADIR": str(workdir / "faust-baseline"),
     }
-    return _baseline("agents.bench_faust_baseline", bootstrap, topic, records, env)
+    return _baseline("agents.bench_faust_baseline", bootstrap, topic, records, extra)
 
 
-def _baseline(module: str, bootstrap: str, topic: str, records: int, env: dict[str, str]) -> float:
-    """Run a baseline ``python -m module`` until it prints ``DONE <count> <seconds>``: count/s.
+def _baseline(
+    module: str, bootstrap: str, topic: str, records: int, extra: dict[str, str]
+) -> float:
+    """Run a baseline ``python -m module`` with ``BENCH_*`` variables (``extra``: its own) until
+    it prints ``DONE <count> <seconds>``: count/s.
 
     Each baseline runs in a fresh process, as the worker does: not in this one, which holds the
     simulated events (see :mod:`agents.bench_lean`)."""
@@ -155,7 +158,7 @@ def _baseline(module: str, bootstrap: str, topic: str, records: int, env: dict[s
         "BENCH_BOOTSTRAP": bootstrap,
         "BENCH_TOPIC": topic,
         "BENCH_RECORDS": str(records),
-        **env,
+        **extra,
     }
     out = subprocess.run(
         [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=600

@@ -3,8 +3,8 @@
 It decodes and counts, nothing else. Run as ``python -m agents.bench_lean`` with ``BENCH_*``
 variables, in a process of its own as the worker and the Faust baseline are: in the bench's
 process, the 500,000 simulated events it holds made every full collection of Python's garbage
-collector walk them, and the loop ran 25-30 % slower (245,000-262,000 events/s against
-334,000-364,000 with the same events freed or frozen, measured here). It prints
+collector walk them, and the loop ran a quarter to a third slower (245,000-262,000 events/s
+against 334,000-364,000 with the same events freed or frozen, measured here). It prints
 ``DONE <events> <seconds>`` once it has counted ``BENCH_RECORDS`` events, timed from its first
 fetch that returned records.
 """
