@@ -132,7 +132,8 @@ async def produce(
 def lean(bootstrap: str, topic: str, expected: int) -> float:
     """The ceiling (``bench_lean``), in a process of its own. Returns events/s."""
     group = {"BENCH_GROUP": f"lean-{secrets.token_hex(4)}"}
-    return _baseline("agents.bench_lean", bootstrap, topic, expected, group)
+    count, seconds = run_baseline("agents.bench_lean", bootstrap, topic, expected, group)
+    return count / seconds
 
 
 def faust_idiomatic(bootstrap: str, topic: str, records: int, workdir: Path) -> float:
@@ -142,14 +143,20 @@ def faust_idiomatic(bootstrap: str, topic: str, records: int, workdir: Path) -> 
         "BENCH_PARTITIONS": str(PARTITIONS),
         "BENCH_DATADIR": str(workdir / "faust-baseline"),
     }
-    return _baseline("agents.bench_faust_baseline", bootstrap, topic, records, extra)
+    count, seconds = run_baseline("agents.bench_faust_baseline", bootstrap, topic, records, extra)
+    return count / seconds
 
 
-def _baseline(
-    module: str, bootstrap: str, topic: str, records: int, extra: dict[str, str]
-) -> float:
+def run_baseline(
+    module: str,
+    bootstrap: str,
+    topic: str,
+    records: int,
+    extra: dict[str, str],
+    timeout_s: float = 600,
+) -> tuple[int, float]:
     """Run a baseline ``python -m module`` with ``BENCH_*`` variables (``extra``: its own) until
-    it prints ``DONE <count> <seconds>``: count/s.
+    it prints ``DONE <count> <seconds>``: (count, seconds).
 
     Each baseline runs in a fresh process, as the worker does: not in this one, which holds the
     simulated events (see :mod:`agents.bench_lean`)."""
@@ -161,7 +168,7 @@ def _baseline(
         **extra,
     }
     out = subprocess.run(
-        [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=timeout_s
     )
     # Faust's worker may route stdout through its logger: look in both streams.
     lines = (out.stdout + out.stderr).splitlines()
@@ -169,7 +176,7 @@ def _baseline(
     if not done:
         raise RuntimeError(f"{module} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     _, count, seconds = done[0].split()
-    return int(count) / float(seconds)
+    return int(count), float(seconds)
 
 
 @dataclass

@@ -4,9 +4,6 @@ its worker rate, and its table's verdict on each target."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from agents.bench import (
     print_table,
     produce,
     produce_to_visible,
+    run_baseline,
     simulated_events,
     worker_rate,
 )
@@ -71,17 +69,10 @@ def test_the_lean_ceiling_counts_every_event_of_single_and_enveloped_records(
     enveloped = [(None, p, v) for p, v in envelopes(events)]
     asyncio.run(produce(broker.bootstrap, "lean-envelope", enveloped))
     for topic in ("lean-single", "lean-envelope"):
-        env = {
-            **os.environ,
-            "BENCH_BOOTSTRAP": broker.bootstrap,
-            "BENCH_TOPIC": topic,
-            "BENCH_GROUP": f"lean-test-{topic}",
-            "BENCH_RECORDS": str(len(events)),
-        }
-        out = subprocess.run(
-            [sys.executable, "-m", "agents.bench_lean"], env=env, capture_output=True, timeout=120
+        group = {"BENCH_GROUP": f"lean-test-{topic}"}
+        counted, seconds = run_baseline(
+            "agents.bench_lean", broker.bootstrap, topic, len(events), group, timeout_s=120
         )
-        _, counted, seconds = out.stdout.decode().split()
         assert int(counted) == len(events)
         assert float(seconds) > 0
     # The bench's figure: the same loop in a process of its own, as events/s.
