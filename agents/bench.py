@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,8 +368,9 @@ def produce_to_visible(
     """Each tick's delay, sorted, and how many ticks were never seen processed.
 
     ``sent``: ``(time produced, events produced so far)`` per tick; ``seen``: ``(time, events
-    processed)`` per poll, in time order. A tick is visible at the first poll after it was
-    produced that counts all its events. One never seen is counted at the last poll (a lower
+    processed)`` per poll, in time order, each poll's time that of its answer (see
+    :func:`observe`). A tick is visible at the first poll after it was produced that counts all
+    its events. One never seen is counted at the last poll (a lower
     bound of its delay), not left out: leaving out the slowest ticks would flatter the p99.
     """
     delays = []
@@ -383,6 +384,20 @@ def produce_to_visible(
         delays.append(visible - produced_at)
     delays.sort()
     return delays, unseen
+
+
+def observe(
+    read: Callable[[], float], clock: Callable[[], float] = time.perf_counter
+) -> tuple[float, float]:
+    """One poll: ``(time, value)``, with the time taken once ``read`` has answered.
+
+    The value shows what was committed when the worker read the store, during the scrape; a tick
+    it counts was visible by the time the answer came, not necessarily when the request left. A
+    scrape of a loaded worker takes 0.25-1 s (its reads wait in the event loop behind the steps):
+    timed at its start, a poll credited a tick with visibility up to that much too early.
+    """
+    value = read()
+    return clock(), value
 
 
 def latency(
@@ -445,7 +460,7 @@ def latency(
 
         def poll() -> None:
             while not stop.is_set():
-                seen.append((time.perf_counter(), worker.processed()))
+                seen.append(observe(worker.processed))
                 time.sleep(0.02)
 
         poller = threading.Thread(target=poll, daemon=True)

@@ -15,6 +15,7 @@ from agents.bench import (
     envelopes,
     latency,
     lean,
+    observe,
     print_table,
     produce,
     produce_to_visible,
@@ -31,6 +32,17 @@ def test_each_tick_is_visible_at_the_first_poll_that_counts_it() -> None:
     # A poll before a tick was produced never counts for it, even when it already shows as many
     # events (here the first tick's): 1.5 is that tick's first poll.
     assert produce_to_visible(sent, seen) == ([0.5, 0.5], 0)
+
+
+def test_a_poll_is_timed_when_its_answer_comes_not_when_it_was_asked() -> None:
+    # A scrape of a loaded worker takes up to a second: what it counts was visible by its end.
+    now = [10.0]
+
+    def slow_scrape() -> float:
+        now[0] += 0.7
+        return 500.0
+
+    assert observe(slow_scrape, clock=lambda: now[0]) == (10.7, 500.0)
 
 
 def test_a_tick_never_seen_counts_as_the_longest_wait_not_left_out() -> None:
