@@ -116,7 +116,10 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         web_bind=settings.web_host,
         web_host=settings.web_host,
         web_port=settings.web_port,
-        web_in_thread=False,
+        # /metrics is served from a thread of its own (its own event loop and Redis client):
+        # on the main loop, each of a scrape's reads waited behind the steps in flight, and a
+        # scrape of a loaded worker took 0.25-1.25 s (docs/performance.md, twentieth round).
+        web_in_thread=True,
         broker_session_timeout=settings.broker_session_timeout_seconds,
         broker_heartbeat_interval=min(3.0, settings.broker_session_timeout_seconds / 3),
         broker_commit_every=1000,
@@ -142,13 +145,19 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     redis = connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    store = RedisStore(
-        redis,
-        partitions,
-        settings.redis_prefix,
-        settings.hll_retention_seconds,
-        settings.scrape_cache_max_age_seconds,
-    )
+
+    def new_store(client: Any) -> RedisStore:
+        return RedisStore(
+            client,
+            partitions,
+            settings.redis_prefix,
+            settings.hll_retention_seconds,
+            settings.scrape_cache_max_age_seconds,
+        )
+
+    store = new_store(redis)
+    # The web thread's: an asyncio client belongs to the loop it first runs in. It only reads.
+    scrapes = new_store(connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5))
     publisher = Publisher(settings)
 
     def committed(partition: int) -> int | None:
@@ -235,7 +244,7 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     @app.page("/metrics")
     async def metrics_page(web: View, request: Request) -> Response:
         try:
-            snapshot = await store.read()
+            snapshot = await scrapes.read()
         except Exception as exc:  # the store is down: still serve the worker's own health
             log.warning("metrics: cannot read the store: %s", exc)
             snapshot = None
