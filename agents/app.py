@@ -156,7 +156,8 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         )
 
     store = new_store(redis)
-    # The web thread's: an asyncio client belongs to the loop it first runs in. It only reads.
+    # The web thread's: an asyncio client belongs to the loop it first runs in. It only reads,
+    # and its connections close with the process.
     scrapes = new_store(connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5))
     publisher = Publisher(settings)
 
@@ -250,7 +251,9 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
             snapshot = None
         metrics.store.snapshot = snapshot
         if snapshot is not None:
-            _update_lag(app, metrics, snapshot.offsets, processor.assigned, settings.events_topic)
+            # A copy (one step under the GIL): a rebalance changes the set on the main thread.
+            owned = set(processor.assigned)
+            _update_lag(app, metrics, snapshot.offsets, owned, settings.events_topic)
         return web.bytes(metrics.render(), content_type=_CONTENT_TYPE)
 
     @app.task  # type: ignore[untyped-decorator]
