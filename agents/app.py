@@ -144,21 +144,21 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     app.records = RecordBuffer(settings.batch_max_records, settings.batch_max_bytes)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    redis = connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
 
-    def new_store(client: Any) -> RedisStore:
+    def new_store() -> RedisStore:
+        """A store with a Redis client of its own."""
         return RedisStore(
-            client,
+            connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5),
             partitions,
             settings.redis_prefix,
             settings.hll_retention_seconds,
             settings.scrape_cache_max_age_seconds,
         )
 
-    store = new_store(redis)
+    store = new_store()
     # The web thread's: an asyncio client belongs to the loop it first runs in. It only reads,
     # and its connections close with the process.
-    scrapes = new_store(connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5))
+    scrapes = new_store()
     publisher = Publisher(settings)
 
     def committed(partition: int) -> int | None:
@@ -270,7 +270,7 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def close(sender: Any, **_: Any) -> None:
         await publisher.stop()
-        await redis.aclose()
+        await store.redis.aclose()
 
     return app
 

@@ -393,8 +393,9 @@ def observe(
 
     The value shows what was committed when the worker read the store, during the scrape; a tick
     it counts was visible by the time the answer came, not necessarily when the request left. A
-    scrape of a loaded worker takes 0.25-1 s (its reads wait in the event loop behind the steps):
-    timed at its start, a poll credited a tick with visibility up to that much too early.
+    scrape of a loaded worker took 0.25-1.25 s (its reads waited in the event loop behind the
+    steps, before /metrics had a thread of its own): timed at its start, a poll credited a tick
+    with visibility up to that much too early.
     """
     value = read()
     return clock(), value
